@@ -1,0 +1,27 @@
+# Two commands on a fresh machine: `make train` and `make test`. Both create .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NPROC ?= 2
+ARGS ?=
+
+.PHONY: install train test benchmark
+
+$(VENV)/.installed: pyproject.toml requirements-cpu.txt requirements-cpu-nodeps.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-cpu.txt
+	$(PY) -m pip install -q --no-deps -r requirements-cpu-nodeps.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+# Trains BPR-MF on the bundled lastfm data with $(NPROC) ranks; extra Hydra overrides in ARGS.
+train: install
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m dsl_dist.train $(ARGS)
+
+test: install
+	$(PY) -m pytest -q
+
+benchmark: install
+	$(PY) benchmarks/train_benchmark.py mf_gowalla_dense data=gowalla $(ARGS)
