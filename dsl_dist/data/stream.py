@@ -1,0 +1,197 @@
+"""Per-rank streaming of prepared shards: BPR training batches and per-user evaluation rows.
+
+No rank reads the whole data set: training reads one contiguous part of the (pre-shuffled)
+train rows, a row group at a time, and evaluation keeps only the rows of the rank's users.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torchrec import KeyedJaggedTensor
+
+from dsl_dist.data.errors import DataError
+from dsl_dist.data.manifest import Manifest, ShardInfo, verify_shard
+
+USER_FEATURE = "user"
+ITEM_FEATURE = "item"
+
+
+def negative_feature_names(num_negatives: int) -> list[str]:
+    return [f"neg_{i}" for i in range(num_negatives)]
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """Rows [start, stop) of row group `index` of `shard` (offsets within the row group)."""
+
+    shard: ShardInfo
+    index: int
+    start: int
+    stop: int
+
+
+class ShardReader:
+    """Reads row groups of a data set's shards, checking checksums and id ranges once."""
+
+    def __init__(self, dataset_dir: Path, manifest: Manifest, verify_checksums: bool) -> None:
+        self.dataset_dir = Path(dataset_dir)
+        self.manifest = manifest
+        self.verify_checksums = verify_checksums
+        self._files: dict[str, pq.ParquetFile] = {}
+
+    def file(self, shard: ShardInfo) -> pq.ParquetFile:
+        if shard.path not in self._files:
+            if self.verify_checksums:
+                verify_shard(self.dataset_dir, shard)
+            try:
+                self._files[shard.path] = pq.ParquetFile(self.dataset_dir / shard.path)
+            except Exception as exc:  # pyarrow raises several types for unreadable files
+                raise DataError(f"{self.dataset_dir / shard.path}: unreadable shard ({exc})") from None
+        return self._files[shard.path]
+
+    def read(self, group: RowGroup) -> tuple[np.ndarray, np.ndarray]:
+        table = self.file(group.shard).read_row_group(group.index, columns=["user", "item"])
+        users = table["user"].to_numpy()[group.start:group.stop]
+        items = table["item"].to_numpy()[group.start:group.stop]
+        for name, ids, count in (("user", users, self.manifest.num_users),
+                                 ("item", items, self.manifest.num_items)):
+            if len(ids) and (ids.min() < 0 or ids.max() >= count):
+                raise DataError(f"{self.dataset_dir / group.shard.path}: {name} id "
+                                f"{int(ids.max() if ids.max() >= count else ids.min())} outside "
+                                f"[0, {count}) of the manifest")
+        return users, items
+
+    def row_groups(self, split: str, start: int = 0, stop: int | None = None) -> list[RowGroup]:
+        """The row groups (trimmed) covering global rows [start, stop) of a split."""
+        info = self.manifest.split(split)
+        stop = info.rows if stop is None else stop
+        groups, offset = [], 0
+        for shard in info.shards:
+            if offset < stop and offset + shard.rows > start:
+                metadata = self.file(shard).metadata
+                for index in range(metadata.num_row_groups):
+                    rows = metadata.row_group(index).num_rows
+                    lo, hi = max(start - offset, 0), min(stop - offset, rows)
+                    if lo < hi:
+                        groups.append(RowGroup(shard, index, lo, hi))
+                    offset += rows
+            else:
+                offset += shard.rows
+        return groups
+
+
+class InteractionStream:
+    """One rank's BPR training batches as KeyedJaggedTensors.
+
+    The train rows are cut into `world_size` equal contiguous parts; in epoch e rank r reads
+    part (r + e) % world_size, so every rank sees different rows each epoch and every rank makes
+    exactly `steps_per_epoch` steps. Row groups are visited in a seeded order and mixed through a
+    shuffle buffer; negatives are uniform over items. (seed, epoch, rank, world_size) fix the
+    batches. Each batch has keys [user, item, neg_0, ...], one id per sample and key.
+    """
+
+    def __init__(self, dataset_dir: Path, *, rank: int, world_size: int, batch_size: int,
+                 num_negatives: int = 1, seed: int = 0, shuffle_buffer: int = 65536,
+                 verify_checksums: bool = True) -> None:
+        self.manifest = Manifest.load(dataset_dir)
+        self.reader = ShardReader(dataset_dir, self.manifest, verify_checksums)
+        self.rank, self.world_size = rank, world_size
+        self.batch_size, self.num_negatives = batch_size, num_negatives
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.keys = [USER_FEATURE, ITEM_FEATURE, *negative_feature_names(num_negatives)]
+        self.part_rows = self.manifest.split("train").rows // world_size
+        self.steps_per_epoch = self.part_rows // batch_size
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{dataset_dir}: {self.part_rows} train rows per rank cannot fill one "
+                            f"batch of {batch_size}; lower data.batch_size")
+        self.epoch = 0
+        self.batches_done = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.batches_done = epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+
+    def part(self) -> tuple[int, int]:
+        """This rank's global train rows [start, stop) in the current epoch."""
+        part = (self.rank + self.epoch) % self.world_size
+        return part * self.part_rows, (part + 1) * self.part_rows
+
+    def _positives(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, self.world_size])
+        groups = self.reader.row_groups("train", *self.part())
+        users, items, held = [], [], 0
+        for k, position in enumerate(rng.permutation(len(groups))):
+            u, i = self.reader.read(groups[position])
+            users.append(u)
+            items.append(i)
+            held += len(u)
+            if held < self.shuffle_buffer and k < len(groups) - 1:
+                continue
+            all_users, all_items = np.concatenate(users), np.concatenate(items)
+            order = rng.permutation(held)
+            full = held // self.batch_size * self.batch_size
+            for start in range(0, full, self.batch_size):
+                chosen = order[start:start + self.batch_size]
+                yield all_users[chosen], all_items[chosen]
+            users, items = [all_users[order[full:]]], [all_items[order[full:]]]
+            held -= full
+
+    def __iter__(self) -> Iterator[KeyedJaggedTensor]:
+        generator = torch.Generator().manual_seed(
+            hash((self.seed, self.epoch, self.rank, self.world_size)) & (2**63 - 1))
+        lengths = torch.ones(len(self.keys) * self.batch_size, dtype=torch.int32)
+        for step, (users, items) in enumerate(self._positives()):
+            if step == self.steps_per_epoch:
+                break
+            negatives = torch.randint(self.manifest.num_items,
+                                      (self.num_negatives, self.batch_size), generator=generator)
+            if step < self.batches_done:  # resuming: replay the stream up to where it stopped
+                continue
+            values = torch.cat([torch.from_numpy(users), torch.from_numpy(items),
+                                negatives.flatten()])
+            self.batches_done = step + 1
+            yield KeyedJaggedTensor.from_lengths_sync(keys=self.keys, values=values,
+                                                      lengths=lengths)
+
+
+@dataclass(frozen=True)
+class UserItems:
+    """Items per user in CSR form: users[k] has items[indptr[k]:indptr[k + 1]]."""
+
+    users: np.ndarray
+    indptr: np.ndarray
+    items: np.ndarray
+
+    def items_of(self, k: int) -> np.ndarray:
+        return self.items[self.indptr[k]:self.indptr[k + 1]]
+
+
+def read_user_items(dataset_dir: Path, split: str, *, rank: int, world_size: int,
+                    verify_checksums: bool = True) -> UserItems:
+    """The interactions of users with user % world_size == rank, streamed and filtered."""
+    manifest = Manifest.load(dataset_dir)
+    reader = ShardReader(dataset_dir, manifest, verify_checksums)
+    users, items = [], []
+    for group in reader.row_groups(split):
+        u, i = reader.read(group)
+        keep = u % world_size == rank
+        users.append(u[keep])
+        items.append(i[keep])
+    all_users = np.concatenate(users) if users else np.empty(0, np.int64)
+    all_items = np.concatenate(items) if items else np.empty(0, np.int64)
+    order = np.lexsort((all_items, all_users))
+    all_users, all_items = all_users[order], all_items[order]
+    unique, starts = np.unique(all_users, return_index=True)
+    return UserItems(unique, np.r_[starts, len(all_users)].astype(np.int64), all_items)
