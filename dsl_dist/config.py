@@ -1,0 +1,166 @@
+"""Typed job configuration: one dataclass per concern, validated before any process group starts.
+
+Hydra composes `configs/` on top of these schemas (registered by `register_configs`); the YAML
+files only override defaults, which live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")
+OPTIMIZERS = ("rowwise_adagrad", "adagrad", "adam", "sgd")
+CPU_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
+"""FBGEMM's CPU kernels have no fused Adam."""
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the key."""
+
+
+def _require(condition: bool, key: str, message: str, value: object) -> None:
+    if not condition:
+        raise ConfigError(f"{key}={value!r}: {message}")
+
+
+@dataclass
+class DataConfig:
+    """Where the interactions come from and how they are batched."""
+
+    name: str = MISSING
+    """Data set name, used in run directory names."""
+    source: str = MISSING
+    """Raw data: a directory of train/valid/test files (LightGCN text, CSV or Parquet)."""
+    path: str = MISSING
+    """Prepared Arrow shards (made from `source` on first use if missing)."""
+    num_shards: int = 4
+    """Parquet files per split when preparing."""
+    batch_size: int = 2048
+    """Positive interactions per rank per step."""
+    num_negatives: int = 1
+    """Uniform negative items drawn per positive (BPR)."""
+    shuffle_buffer: int = 65536
+    """Rows mixed by the streaming shuffle buffer of each rank."""
+
+    def validate(self) -> None:
+        _require(self.num_shards >= 1, "data.num_shards", "must be >= 1", self.num_shards)
+        _require(self.batch_size >= 1, "data.batch_size", "must be >= 1", self.batch_size)
+        _require(self.num_negatives >= 1, "data.num_negatives", "must be >= 1", self.num_negatives)
+        _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1", self.shuffle_buffer)
+
+
+@dataclass
+class ModelConfig:
+    """The recommender and how its embedding tables are sharded."""
+
+    name: str = "mf"
+    """Model architecture (`mf`: BPR matrix factorisation)."""
+    embedding_dim: int = 64
+    init_std: float = 0.1
+    """Embedding weights start as Normal(0, init_std), drawn per row block so that a weight's
+    initial value does not depend on the world size or the sharding."""
+    sharding_type: str = "table_wise"
+    """Sharding of every table: table_wise, row_wise, column_wise or data_parallel."""
+    table_sharding: dict[str, str] = field(default_factory=dict)
+    """Per-table overrides of `sharding_type`, e.g. {item: row_wise}."""
+
+    def validate(self) -> None:
+        _require(self.name == "mf", "model.name", "known models: mf", self.name)
+        _require(self.embedding_dim >= 1, "model.embedding_dim", "must be >= 1", self.embedding_dim)
+        _require(self.init_std > 0, "model.init_std", "must be > 0", self.init_std)
+        for key, value in {"model.sharding_type": self.sharding_type,
+                           **{f"model.table_sharding.{t}": s for t, s in self.table_sharding.items()}}.items():
+            _require(value in SHARDING_TYPES, key, f"must be one of {SHARDING_TYPES}", value)
+
+    def sharding_of(self, table: str) -> str:
+        return self.table_sharding.get(table, self.sharding_type)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    epochs: int = 20
+    max_steps: Optional[int] = None
+    """Stop after this many steps in total (None: run all epochs)."""
+    optimizer: str = "rowwise_adagrad"
+    """Embedding optimizer, fused into the backward pass by FBGEMM: rowwise_adagrad, adagrad,
+    adam (CUDA only) or sgd. Data-parallel tables and dense parameters use the same algorithm,
+    unfused."""
+    lr: float = 0.05
+    l2_reg: float = 1e-4
+    """BPR's L2 penalty on the embeddings looked up by each batch."""
+    seed: int = 0
+    log_every: int = 50
+    """Print the training loss every this many steps (0: never)."""
+
+    def validate(self) -> None:
+        _require(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
+        _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps",
+                 "must be >= 1 or null", self.max_steps)
+        _require(self.optimizer in OPTIMIZERS, "train.optimizer", f"must be one of {OPTIMIZERS}",
+                 self.optimizer)
+        _require(self.lr > 0, "train.lr", "must be > 0", self.lr)
+        _require(self.l2_reg >= 0, "train.l2_reg", "must be >= 0", self.l2_reg)
+        _require(self.log_every >= 0, "train.log_every", "must be >= 0", self.log_every)
+
+
+@dataclass
+class EvalConfig:
+    """Full-ranking evaluation over all items, training positives excluded."""
+
+    ks: list[int] = field(default_factory=lambda: [20])
+    split: str = "test"
+    every_epochs: int = 0
+    """Also evaluate every this many epochs (0: only after training)."""
+    user_batch: int = 1024
+    """Users scored against all items at once on a rank."""
+
+    def validate(self) -> None:
+        _require(len(self.ks) > 0 and all(k >= 1 for k in self.ks), "eval.ks",
+                 "must be a non-empty list of positive integers", self.ks)
+        _require(self.split in ("valid", "test"), "eval.split", "must be valid or test", self.split)
+        _require(self.every_epochs >= 0, "eval.every_epochs", "must be >= 0", self.every_epochs)
+        _require(self.user_batch >= 1, "eval.user_batch", "must be >= 1", self.user_batch)
+
+
+@dataclass
+class SparsityConfig:
+    """How the embedding tables are sparsified (`dense`: not at all)."""
+
+    name: str = "dense"
+
+    def validate(self) -> None:
+        _require(self.name == "dense", "sparsity.name", "known methods: dense", self.name)
+
+
+@dataclass
+class JobConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    run_dir: Optional[str] = None
+    """Where metrics.jsonl and results go; None: runs/<data>-<model>-<sparsity>-<time>."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl with CUDA, else gloo), gloo or nccl."""
+
+    def validate(self) -> None:
+        for section in (self.data, self.model, self.train, self.eval, self.sparsity):
+            section.validate()
+        _require(self.backend in ("auto", "gloo", "nccl"), "backend", "must be auto, gloo or nccl",
+                 self.backend)
+        on_cpu = self.backend == "gloo" or (self.backend == "auto" and not torch.cuda.is_available())
+        _require(not on_cpu or self.train.optimizer in CPU_OPTIMIZERS, "train.optimizer",
+                 f"FBGEMM on CPU offers {CPU_OPTIMIZERS}", self.train.optimizer)
+
+
+def register_configs() -> None:
+    """Registers the schema that `configs/config.yaml` extends."""
+    ConfigStore.instance().store(name="job_schema", node=JobConfig)
