@@ -1,0 +1,88 @@
+"""Sharding a model's embedding tables with DistributedModelParallel and the planner.
+
+The sharding type of each table is a planner constraint taken from config; the embedding
+optimizer is fused into FBGEMM's backward pass (`apply_optimizer_in_backward`), except for
+data-parallel tables, which TorchRec keeps as dense replicated parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingEnv, ShardingType
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from dsl_dist.config import ModelConfig, TrainConfig
+from dsl_dist.distributed import DistContext
+
+OPTIMIZER_CLASSES: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "rowwise_adagrad": RowWiseAdagrad,
+    "adagrad": torch.optim.Adagrad,
+    "adam": torch.optim.Adam,
+    "sgd": torch.optim.SGD,
+}
+
+
+class EmbeddingBagCollectionSharderAnyDevice(EmbeddingBagCollectionSharder):
+    """TorchRec offers row-wise sharding on CUDA only; it also works on CPU with gloo."""
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        types = super().sharding_types(compute_device_type)
+        if ShardingType.ROW_WISE.value not in types:
+            types.append(ShardingType.ROW_WISE.value)
+        return types
+
+
+def embedding_tables(model: nn.Module) -> list[BaseEmbeddingConfig]:
+    """The table configs of every EmbeddingBagCollection in `model` (before sharding)."""
+    return [table for module in model.modules() if hasattr(module, "embedding_bag_configs")
+            for table in module.embedding_bag_configs()]
+
+
+def shard_model(model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                ctx: DistContext) -> DistributedModelParallel:
+    """Plans and applies the sharding of `model`'s tables across the ranks of `ctx`."""
+    optimizer_cls = OPTIMIZER_CLASSES[train_cfg.optimizer]
+    tables = embedding_tables(model)
+    apply_optimizer_in_backward(optimizer_cls, _embedding_parameters(model),
+                                {"lr": train_cfg.lr})
+    constraints = {
+        table.name: ParameterConstraints(
+            sharding_types=[model_cfg.sharding_of(table.name)],
+            # Column-wise: one column block per rank, so the table really is split.
+            min_partition=max(1, table.embedding_dim // ctx.world_size),
+        )
+        for table in tables
+    }
+    sharders = [EmbeddingBagCollectionSharderAnyDevice()]
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=ctx.world_size, compute_device=ctx.device.type),
+        constraints=constraints,
+    )
+    plan = planner.collective_plan(model, sharders, ctx.group)
+    return DistributedModelParallel(model, env=ShardingEnv.from_process_group(ctx.group),
+                                    device=ctx.device, plan=plan, sharders=sharders)
+
+
+def _embedding_parameters(model: nn.Module) -> Iterable[nn.Parameter]:
+    return [p for name, p in model.named_parameters() if "embedding_bags" in name]
+
+
+def dense_optimizer(model: DistributedModelParallel,
+                    train_cfg: TrainConfig) -> KeyedOptimizerWrapper | None:
+    """The unfused optimizer for parameters FBGEMM does not update in backward: the dense
+    layers and data-parallel tables. None when there are none."""
+    params: dict[str, Any] = dict(in_backward_optimizer_filter(model.named_parameters()))
+    if not params:
+        return None
+    optimizer_cls = OPTIMIZER_CLASSES[train_cfg.optimizer]
+    return KeyedOptimizerWrapper(params, lambda ps: optimizer_cls(ps, lr=train_cfg.lr))

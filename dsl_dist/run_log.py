@@ -1,0 +1,43 @@
+"""The run directory: one JSON line per event in metrics.jsonl, written by rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used without overwriting an earlier run."""
+
+
+def default_run_dir(data: str, model: str, sparsity: str) -> Path:
+    return Path("runs") / f"{data}-{model}-{sparsity}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class RunLog:
+    """Appends events to <run_dir>/metrics.jsonl; a no-op on ranks other than 0."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.run_dir = run_dir
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+
+    def claim(self) -> None:
+        """Creates the run directory, refusing one that already holds a run."""
+        if not self.enabled:
+            return
+        if self.path.exists():
+            raise RunDirError(f"run_dir={str(self.run_dir)!r} already holds a run "
+                              f"({self.path.name}); choose another run_dir")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def write(self, event: str, **fields: Any) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"event": event, **fields}) + "\n")
+
+    def print(self, message: str, *, file: Optional[Any] = None) -> None:
+        if self.enabled:
+            print(message, file=file, flush=True)

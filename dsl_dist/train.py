@@ -1,0 +1,138 @@
+"""Training entry point: `torchrun --nproc_per_node N -m dsl_dist.train <hydra overrides>`."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchrec import KeyedJaggedTensor
+
+from dsl_dist.config import ConfigError, JobConfig, register_configs
+from dsl_dist.data.errors import DataError
+from dsl_dist.data.manifest import Manifest
+from dsl_dist.data.prepare import ensure_prepared
+from dsl_dist.data.stream import InteractionStream
+from dsl_dist.distributed import DistContext, init_distributed, shutdown_distributed
+from dsl_dist.evaluation import evaluate
+from dsl_dist.model.mf import MatrixFactorization, bpr_loss
+from dsl_dist.model.sharding import dense_optimizer, shard_model
+from dsl_dist.model.shards import init_normal_, local_table_shards
+from dsl_dist.run_log import RunDirError, RunLog, default_run_dir
+
+
+class Trainer:
+    """Owns the sharded model, its optimizers and the data stream of one rank."""
+
+    def __init__(self, cfg: JobConfig, ctx: DistContext, log: RunLog) -> None:
+        self.cfg, self.ctx, self.log = cfg, ctx, log
+        self.dataset_dir = Path(cfg.data.path)
+        self.manifest: Manifest = ctx.main_then_broadcast(lambda: ensure_prepared(
+            Path(cfg.data.source), self.dataset_dir, name=cfg.data.name,
+            num_shards=cfg.data.num_shards, seed=cfg.train.seed))
+        self.stream = InteractionStream(
+            self.dataset_dir, rank=ctx.rank, world_size=ctx.world_size,
+            batch_size=cfg.data.batch_size, num_negatives=cfg.data.num_negatives,
+            seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+        module = MatrixFactorization(self.manifest.num_users, self.manifest.num_items,
+                                     cfg.model.embedding_dim, cfg.data.num_negatives)
+        self.feature_names = module.feature_names
+        self.model = shard_model(module, cfg.model, cfg.train, ctx)
+        init_normal_(local_table_shards(self.model), cfg.model.init_std, cfg.train.seed)
+        self.dense_optimizer = dense_optimizer(self.model, cfg.train)
+        self.step = 0
+        epoch_steps = cfg.train.epochs * self.stream.steps_per_epoch
+        self.total_steps = min(epoch_steps, cfg.train.max_steps or epoch_steps)
+
+    def train_step(self, batch: KeyedJaggedTensor) -> torch.Tensor:
+        """Forward, backward (which also updates the fused embedding tables), dense update."""
+        loss = bpr_loss(self.model(batch.to(self.ctx.device)), self.cfg.data.num_negatives,
+                        self.cfg.train.l2_reg)
+        loss.backward()
+        if self.dense_optimizer is not None:
+            self.dense_optimizer.step()
+            self.dense_optimizer.zero_grad()
+        self.step += 1
+        return loss.detach()
+
+    def train_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+        started, steps, loss_sum = time.perf_counter(), 0, torch.zeros((), dtype=torch.float64)
+        for batch in self.stream:
+            loss = self.train_step(batch)
+            loss_sum += loss.item()
+            steps += 1
+            if self.cfg.train.log_every and self.step % self.cfg.train.log_every == 0:
+                self.log.print(f"step {self.step} loss {loss.item():.4f}")
+            if self.step >= self.total_steps:
+                break
+        seconds = time.perf_counter() - started
+        mean_loss = float(self.ctx.all_reduce_sum(loss_sum / max(steps, 1))) / self.ctx.world_size
+        samples = steps * self.cfg.data.batch_size * self.ctx.world_size
+        peak_rss_mb = self.ctx.all_gather_object(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        self.log.write("epoch", epoch=epoch, step=self.step, loss=mean_loss, seconds=seconds,
+                       samples_per_s=samples / seconds, peak_rss_mb=peak_rss_mb)
+        self.log.print(f"epoch {epoch} step {self.step} loss {mean_loss:.4f} "
+                       f"{seconds:.1f}s {samples / seconds:,.0f} samples/s")
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        started = time.perf_counter()
+        metrics = evaluate(self.model, self.feature_names, self.dataset_dir, self.cfg.eval.split,
+                           self.manifest.num_items, list(self.cfg.eval.ks),
+                           self.cfg.eval.user_batch, self.ctx)
+        self.log.write("eval", epoch=epoch, step=self.step, split=self.cfg.eval.split,
+                       seconds=time.perf_counter() - started, **metrics)
+        self.log.print(f"eval epoch {epoch} ({self.cfg.eval.split}): " +
+                       " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    def fit(self) -> dict[str, float]:
+        epoch = 0
+        while self.step < self.total_steps:
+            self.train_epoch(epoch)
+            epoch += 1
+            every = self.cfg.eval.every_epochs
+            if every and epoch % every == 0 and self.step < self.total_steps:
+                self.evaluate(epoch)
+        return self.evaluate(epoch)
+
+
+def run(cfg: JobConfig) -> dict[str, float]:
+    """Trains and evaluates on the process group of the current environment."""
+    cfg.validate()
+    ctx = init_distributed(cfg.backend)
+    try:
+        run_dir = ctx.broadcast_object(Path(cfg.run_dir) if cfg.run_dir else default_run_dir(
+            cfg.data.name, cfg.model.name, cfg.sparsity.name))
+        log = RunLog(run_dir, enabled=ctx.is_main)
+        ctx.main_then_broadcast(log.claim)
+        log.print(f"run_dir {run_dir}, {ctx.world_size} rank(s), backend {ctx.backend}")
+        if ctx.is_main:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        return Trainer(cfg, ctx, log).fit()
+    finally:
+        shutdown_distributed()
+
+
+@hydra.main(config_path="../configs", config_name="config", version_base=None)
+def _hydra_main(dict_cfg: DictConfig) -> None:
+    cfg: JobConfig = OmegaConf.to_object(dict_cfg)  # type: ignore[assignment]
+    try:
+        run(cfg)
+    except (ConfigError, DataError, RunDirError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    register_configs()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
