@@ -1,0 +1,59 @@
+"""The Hydra configs compose onto the typed schema, and bad values are refused by key."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from hydra.errors import ConfigCompositionException
+
+from conftest import REPO
+from dsl_dist.config import ConfigError, JobConfig, register_configs
+
+
+def load(*overrides: str) -> JobConfig:
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
+
+
+def test_defaults_compose_to_a_valid_job() -> None:
+    cfg = load()
+    assert isinstance(cfg, JobConfig)
+    assert cfg.data.name == "lastfm" and cfg.model.name == "mf" and cfg.sparsity.name == "dense"
+    cfg.validate()
+
+
+def test_overrides_and_groups() -> None:
+    cfg = load("data=gowalla", "model.embedding_dim=32", "train.epochs=5",
+               "+model.table_sharding.item=row_wise")
+    assert (cfg.data.name, cfg.model.embedding_dim, cfg.train.epochs) == ("gowalla", 32, 5)
+    assert cfg.model.sharding_of("item") == "row_wise"
+    assert cfg.model.sharding_of("user") == "table_wise"
+
+
+def test_unknown_key_and_wrong_type_are_refused() -> None:
+    with pytest.raises(ConfigCompositionException, match="learning_rate"):
+        load("train.learning_rate=1")
+    with pytest.raises(ConfigCompositionException, match="epochs"):
+        load("train.epochs=many")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.sharding_type=diagonal", "model.sharding_type"),
+    ("train.optimizer=lbfgs", "train.optimizer"),
+    ("train.lr=0", "train.lr"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("eval.ks=[]", "eval.ks"),
+    ("backend=mpi", "backend"),
+])
+def test_validation_names_the_key(override: str, key: str) -> None:
+    cfg = load(override)
+    with pytest.raises(ConfigError, match=rf"^{key}="):
+        cfg.validate()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fused Adam exists on CUDA")
+def test_adam_is_refused_on_cpu() -> None:
+    with pytest.raises(ConfigError, match=r"^train.optimizer='adam': FBGEMM on CPU"):
+        load("train.optimizer=adam").validate()
