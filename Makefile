@@ -24,4 +24,4 @@ test: install
 	$(PY) -m pytest -q
 
 benchmark: install
-	$(PY) benchmarks/train_benchmark.py mf_gowalla_dense data=gowalla $(ARGS)
+	$(PY) benchmarks/train_benchmark.py mf_gowalla_dense +experiment=mf_gowalla $(ARGS)

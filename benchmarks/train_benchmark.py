@@ -1,0 +1,69 @@
+"""Runs one training job under torchrun and records its figures in benchmarks/results/.
+
+    python benchmarks/train_benchmark.py NAME [hydra overrides...]
+
+Prints and writes benchmarks/results/NAME.json: time per epoch, training samples/s, peak RSS
+per rank, the final full-ranking metrics, and the exact command, so a figure can be reproduced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import mean
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def main(argv: list[str]) -> None:
+    if not argv:
+        sys.exit(__doc__)
+    name, overrides = argv[0], argv[1:]
+    nproc = int(os.environ.get("NPROC", "2"))
+    run_dir = REPO / "runs" / f"benchmark-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", str(nproc), "-m", "dsl_dist.train", *overrides,
+               f"run_dir={run_dir}"]
+    started = time.perf_counter()
+    subprocess.run(command, cwd=REPO, check=True)
+    wall = time.perf_counter() - started
+
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [e for e in events if e["event"] == "epoch"]
+    evals = [e for e in events if e["event"] == "eval"]
+    result = {
+        "name": name,
+        "overrides": overrides,
+        "world_size": nproc,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "torch": torch.__version__},
+        "epochs": len(epochs),
+        "seconds_per_epoch": mean(e["seconds"] for e in epochs),
+        "train_samples_per_s": mean(e["samples_per_s"] for e in epochs),
+        "peak_rss_mb_per_rank": [max(e["peak_rss_mb"][r] for e in epochs) for r in range(nproc)],
+        "final_loss": epochs[-1]["loss"],
+        "final_metrics": {k: v for k, v in evals[-1].items()
+                          if k.startswith(("recall@", "ndcg@"))},
+        "learning_curve": [{"epoch": e["epoch"], **{k: v for k, v in e.items()
+                                                    if k.startswith(("recall@", "ndcg@"))}}
+                           for e in evals],
+        "eval_seconds": evals[-1]["seconds"],
+        "wall_seconds": wall,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
