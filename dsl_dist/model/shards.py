@@ -1,7 +1,9 @@
 """The local shards of sharded embedding tables, addressed by their global offsets.
 
-Everything that touches table weights from outside the model (initialisation, and later the
-sparsity masks) goes through `local_table_shards`, whatever the sharding type.
+Everything that touches table weights from outside the model (initialisation, the sparsity
+masks) goes through `local_table_shards`, whatever the sharding type. A shard is found through
+the embedding kernels that TorchRec's sharded collections run, so it also carries the kernel
+that looks it up and that kernel's optimizer state.
 """
 
 from __future__ import annotations
@@ -11,52 +13,80 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed.batched_embedding_kernel import BaseBatchedEmbeddingBag
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 
 INIT_BLOCK_ROWS = 4096
 
 
 @dataclass
 class TableShard:
-    """One rank's block of one table: rows [row_offset, +rows), columns [col_offset, +cols)."""
+    """One rank's block of one table: rows [row_offset, +num_rows), columns [col_offset,
+    +num_cols) of a (table_rows × table_cols) table."""
 
     table: str
     row_offset: int
     col_offset: int
     num_rows: int
     num_cols: int
+    table_rows: int
     table_cols: int
     weight: torch.Tensor
     """The live weights (writing it writes the model)."""
-    replicated: bool
-    """True for data-parallel tables: every rank holds a full copy."""
+    kernel: BaseBatchedEmbeddingBag
+    """The TorchRec kernel that looks this shard up."""
+    index: int
+    """Position of this shard among the kernel's tables."""
+
+    @property
+    def replicated(self) -> bool:
+        """Data-parallel tables: every rank holds and updates a full copy."""
+        return self.kernel.config.compute_kernel == EmbeddingComputeKernel.DENSE
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self.kernel.config.embedding_tables[self.index].feature_names)
+
+    def optimizer_states(self) -> list[torch.Tensor]:
+        """Views of the fused optimizer's state for this shard (per element or per row);
+        empty for data-parallel shards, whose optimizer is a separate dense one."""
+        if self.replicated:
+            return []
+        return list(self.kernel.emb_module.split_optimizer_states()[self.index])
+
+    def gradient(self) -> torch.Tensor | None:
+        """This shard's gradient, for data-parallel shards (the dense kernel's weights are an
+        ordinary parameter whose gradient DDP averages over ranks); None otherwise."""
+        flat = self.kernel.emb_module.weights
+        if not self.replicated or flat.grad is None:
+            return None
+        start = (self.weight.data_ptr() - flat.data_ptr()) // flat.element_size()
+        return flat.grad[start:start + self.weight.numel()].view_as(self.weight)
 
 
-def _table_name(state_key: str) -> str | None:
-    parts = state_key.split(".")
-    if len(parts) >= 3 and parts[-1] == "weight" and parts[-3] == "embedding_bags":
-        return parts[-2]
-    return None
+def embedding_kernels(model: nn.Module) -> list[BaseBatchedEmbeddingBag]:
+    """The batched embedding kernels inside the sharded collections of `model`."""
+    kernels = []
+    for module in model.modules():
+        if isinstance(module, ShardedEmbeddingBagCollection):
+            for lookup in module._lookups:  # not registered as submodules by TorchRec
+                inner = getattr(lookup, "module", lookup)  # data-parallel lookups are DDP-wrapped
+                kernels += [m for m in inner.modules() if isinstance(m, BaseBatchedEmbeddingBag)]
+    return kernels
 
 
 def local_table_shards(model: nn.Module) -> list[TableShard]:
     """This rank's shards of every embedding table of a DistributedModelParallel model."""
-    shards: list[TableShard] = []
-    for key, value in model.state_dict(keep_vars=True).items():
-        table = _table_name(key)
-        if table is None:
-            continue
-        if isinstance(value, ShardedTensor):
-            table_cols = value.size(1)
-            for shard in value.local_shards():
-                row, col = shard.metadata.shard_offsets
-                rows, cols = shard.metadata.shard_sizes
-                shards.append(TableShard(table, row, col, rows, cols, table_cols, shard.tensor,
-                                         replicated=False))
-        else:
-            rows, cols = value.shape
-            shards.append(TableShard(table, 0, 0, rows, cols, cols, value, replicated=True))
-    return shards
+    shards = []
+    for kernel in embedding_kernels(model):
+        for index, (table, weight) in enumerate(zip(kernel.config.embedding_tables,
+                                                    kernel.split_embedding_weights())):
+            row, col = table.local_metadata.shard_offsets if table.local_metadata else (0, 0)
+            shards.append(TableShard(table.name, row, col, table.local_rows, table.local_cols,
+                                     table.num_embeddings, table.embedding_dim, weight, kernel,
+                                     index))
+    return sorted(shards, key=lambda s: (s.table, s.row_offset, s.col_offset))
 
 
 @torch.no_grad()
