@@ -131,12 +131,48 @@ class EvalConfig:
 
 @dataclass
 class SparsityConfig:
-    """How the embedding tables are sparsified (`dense`: not at all)."""
+    """How the embedding tables are sparsified: `dense` (not at all) or `dsl` (Dynamic Sparse
+    Learning: a fixed budget of active weights, moved by periodic drop-and-grow)."""
 
     name: str = "dense"
+    density: float = 0.5
+    """Fraction of the weights of the sparsified tables that are active: budget
+    B = round(density × their total weights), exact on the whole cluster."""
+    delta_t: int = 100
+    """Drop-and-grow every delta_t training steps."""
+    zeta_0: float = 0.5
+    """Initial update fraction ζ_0 of the cosine schedule."""
+    zeta_min: float = 0.005
+    """Final update fraction ζ_min."""
+    t_end: Optional[int] = None
+    """No drop-and-grow after this step (RigL's freeze); null: updates until the end."""
+    scope: str = "global"
+    """global: rank the weights of all tables together, so table densities move;
+    per_table: each table keeps round(density × its size) active weights."""
+    growth: str = "last_batch"
+    """Growth signal: last_batch (the paper: |gradient| of the mini-batch before the update) or
+    accumulated (|gradient| summed over the delta_t steps since the last update)."""
+    tables: list[str] = field(default_factory=list)
+    """Tables to sparsify; empty: every embedding table."""
+    reset_optimizer_state: bool = True
+    """Zero the optimizer state of weights that drop-and-grow changes (see README)."""
 
-    def validate(self) -> None:
-        _require(self.name == "dense", "sparsity.name", "known methods: dense", self.name)
+    def validate(self, max_steps: Optional[int] = None) -> None:
+        _require(self.name in ("dense", "dsl"), "sparsity.name", "known methods: dense, dsl",
+                 self.name)
+        _require(0 < self.density <= 1, "sparsity.density", "must be in (0, 1]", self.density)
+        _require(self.delta_t >= 1, "sparsity.delta_t", "must be >= 1", self.delta_t)
+        _require(0 < self.zeta_0 <= 1, "sparsity.zeta_0", "must be in (0, 1]", self.zeta_0)
+        _require(0 <= self.zeta_min <= self.zeta_0, "sparsity.zeta_min",
+                 "must be in [0, sparsity.zeta_0]", self.zeta_min)
+        _require(self.t_end is None or self.t_end >= 1, "sparsity.t_end", "must be >= 1 or null",
+                 self.t_end)
+        _require(self.t_end is None or max_steps is None or self.t_end <= max_steps,
+                 "sparsity.t_end", f"is beyond training (train.max_steps={max_steps})", self.t_end)
+        _require(self.scope in ("global", "per_table"), "sparsity.scope",
+                 "must be global or per_table", self.scope)
+        _require(self.growth in ("last_batch", "accumulated"), "sparsity.growth",
+                 "must be last_batch or accumulated", self.growth)
 
 
 @dataclass
@@ -152,8 +188,9 @@ class JobConfig:
     """torch.distributed backend: auto (nccl with CUDA, else gloo), gloo or nccl."""
 
     def validate(self) -> None:
-        for section in (self.data, self.model, self.train, self.eval, self.sparsity):
+        for section in (self.data, self.model, self.train, self.eval):
             section.validate()
+        self.sparsity.validate(self.train.max_steps)
         _require(self.backend in ("auto", "gloo", "nccl"), "backend", "must be auto, gloo or nccl",
                  self.backend)
         on_cpu = self.backend == "gloo" or (self.backend == "auto" and not torch.cuda.is_available())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -20,9 +21,10 @@ from dsl_dist.data.stream import InteractionStream
 from dsl_dist.distributed import DistContext, init_distributed, shutdown_distributed
 from dsl_dist.evaluation import evaluate
 from dsl_dist.model.mf import MatrixFactorization, bpr_loss
-from dsl_dist.model.sharding import dense_optimizer, shard_model
+from dsl_dist.model.sharding import dense_optimizer, embedding_tables, shard_model
 from dsl_dist.model.shards import init_normal_, local_table_shards
 from dsl_dist.run_log import RunDirError, RunLog, default_run_dir
+from dsl_dist.sparsity.dsl import DynamicSparseTraining
 
 
 class Trainer:
@@ -41,22 +43,35 @@ class Trainer:
         module = MatrixFactorization(self.manifest.num_users, self.manifest.num_items,
                                      cfg.model.embedding_dim, cfg.data.num_negatives)
         self.feature_names = module.feature_names
+        tables = embedding_tables(module)
         self.model = shard_model(module, cfg.model, cfg.train, ctx)
         init_normal_(local_table_shards(self.model), cfg.model.init_std, cfg.train.seed)
         self.dense_optimizer = dense_optimizer(self.model, cfg.train)
         self.step = 0
         epoch_steps = cfg.train.epochs * self.stream.steps_per_epoch
         self.total_steps = min(epoch_steps, cfg.train.max_steps or epoch_steps)
+        self.sparsity = (DynamicSparseTraining(cfg.sparsity, self.model, tables, ctx,
+                                               self.total_steps, cfg.train.seed)
+                         if cfg.sparsity.name == "dsl" else None)
 
     def train_step(self, batch: KeyedJaggedTensor) -> torch.Tensor:
-        """Forward, backward (which also updates the fused embedding tables), dense update."""
+        """Forward, backward (which also updates the fused embedding tables), dense update,
+        then the sparsity masks (and, every delta_t steps, drop-and-grow)."""
+        if self.sparsity:
+            self.sparsity.before_step(self.step + 1)
         loss = bpr_loss(self.model(batch.to(self.ctx.device)), self.cfg.data.num_negatives,
                         self.cfg.train.l2_reg)
         loss.backward()
+        if self.sparsity:
+            self.sparsity.after_backward()
         if self.dense_optimizer is not None:
             self.dense_optimizer.step()
             self.dense_optimizer.zero_grad()
         self.step += 1
+        if self.sparsity:
+            update = self.sparsity.after_optimizer_step(self.step)
+            if update:
+                self.log.write("update", **update)
         return loss.detach()
 
     def train_epoch(self, epoch: int) -> None:
@@ -132,6 +147,12 @@ def _hydra_main(dict_cfg: DictConfig) -> None:
 def main() -> None:
     register_configs()
     _hydra_main()
+    # Everything is written: leave without interpreter teardown, where native threads left by
+    # the distributed libraries occasionally abort the process ("terminate called without an
+    # active exception") and would turn a finished run into a failed one.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -46,9 +46,15 @@ def test_unknown_key_and_wrong_type_are_refused() -> None:
     ("data.batch_size=0", "data.batch_size"),
     ("eval.ks=[]", "eval.ks"),
     ("backend=mpi", "backend"),
+    ("sparsity=dsl sparsity.density=0", "sparsity.density"),
+    ("sparsity=dsl sparsity.density=1.5", "sparsity.density"),
+    ("sparsity=dsl sparsity.delta_t=0", "sparsity.delta_t"),
+    ("sparsity=dsl sparsity.zeta_0=1.2", "sparsity.zeta_0"),
+    ("sparsity=dsl train.max_steps=100 sparsity.t_end=101", "sparsity.t_end"),
+    ("sparsity=dsl sparsity.scope=everywhere", "sparsity.scope"),
 ])
 def test_validation_names_the_key(override: str, key: str) -> None:
-    cfg = load(override)
+    cfg = load(*override.split())
     with pytest.raises(ConfigError, match=rf"^{key}="):
         cfg.validate()
 

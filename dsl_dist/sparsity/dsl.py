@@ -1,0 +1,210 @@
+"""Dynamic Sparse Learning on the local shards of a sharded model, with an exact cluster-wide
+budget.
+
+Every rank holds the masks of its own shards. Initial masks and every drop-and-grow are chosen
+by `select_extreme` over the candidates of all ranks, which exchanges only counts, so the
+choice is exact, deterministic and independent of the world size. Data-parallel tables are
+replicated: rank 0 alone offers their candidates and broadcasts the result.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig
+
+from dsl_dist.config import ConfigError, SparsityConfig
+from dsl_dist.distributed import DistContext
+from dsl_dist.model.shards import local_table_shards
+from dsl_dist.sparsity.growth import GrowthRecorder
+from dsl_dist.sparsity.masks import MaskedShard, uniform_hash
+from dsl_dist.sparsity.schedule import UpdateSchedule
+from dsl_dist.sparsity.selection import all_reduce_counts, select_extreme
+
+_TIE_SCRAMBLE = 0x9E3779B97F4A7C15 - (1 << 64)  # odd: multiplying by it permutes [0, 2**bits)
+
+
+class MagnitudeGradientScoring:
+    """DSL's scores: drop the active weights of smallest |w|, grow the inactive weights of
+    largest growth statistic (|gradient|). Subclass to change the criteria."""
+
+    def drop_scores(self, shard: MaskedShard) -> torch.Tensor:
+        return shard.shard.weight.abs()
+
+    def grow_scores(self, shard: MaskedShard) -> torch.Tensor:
+        return shard.growth
+
+
+@dataclass(frozen=True)
+class Group:
+    """Tables whose weights are ranked together, and their fixed number of active weights."""
+
+    tables: tuple[str, ...]
+    budget: int
+
+
+class DynamicSparseTraining:
+    """Masks, schedule and drop-and-grow for the embedding tables of one sharded model."""
+
+    def __init__(self, cfg: SparsityConfig, model: nn.Module, tables: list[BaseEmbeddingConfig],
+                 ctx: DistContext, total_steps: int, seed: int,
+                 scoring: Optional[MagnitudeGradientScoring] = None) -> None:
+        sizes = {t.name: t.num_embeddings * t.embedding_dim for t in tables}
+        unknown = sorted(set(cfg.tables) - set(sizes))
+        if unknown:
+            raise ConfigError(f"sparsity.tables={cfg.tables!r}: no table(s) {unknown}; the model "
+                              f"has {sorted(sizes)}")
+        names = sorted(cfg.tables or sizes)
+        bases = dict(zip(sorted(sizes), [sum(sizes[n] for n in sorted(sizes)[:i])
+                                         for i in range(len(sizes))]))
+        self.cfg, self.ctx, self.seed = cfg, ctx, seed
+        self.table_sizes = {n: sizes[n] for n in names}
+        self.position_bits = max(1, sum(sizes.values()).bit_length())
+        self.scoring = scoring or MagnitudeGradientScoring()
+        self.shards = [MaskedShard(s, bases[s.table]) for s in local_table_shards(model)
+                       if s.table in names]
+        groups = [tuple(names)] if cfg.scope == "global" else [(n,) for n in names]
+        self.groups = [Group(g, round(cfg.density * sum(sizes[n] for n in g))) for g in groups]
+        for group in self.groups:
+            if group.budget < 1:
+                raise ConfigError(f"sparsity.density={cfg.density}: leaves no active weight in "
+                                  f"table(s) {list(group.tables)}")
+        self.schedule = UpdateSchedule(cfg.delta_t, total_steps, cfg.zeta_0, cfg.zeta_min,
+                                       cfg.t_end)
+        self.recorder = GrowthRecorder(self.shards, ctx.world_size)
+        self._reduce = all_reduce_counts(ctx.group)
+        self._init_masks()
+
+    @property
+    def budget(self) -> int:
+        return sum(g.budget for g in self.groups)
+
+    def _offers(self, shard: MaskedShard) -> bool:
+        """Whether this rank offers the shard's candidates (replicated ones: rank 0 only)."""
+        return not shard.shard.replicated or self.ctx.is_main
+
+    def _select(self, group: Group, k: int, *, largest: bool, scores: Any,
+                candidates: Any) -> dict[int, torch.Tensor]:
+        """Per shard of `group`, which of its candidates are among the k extreme scores."""
+        members = [s for s in self.shards if s.table in group.tables]
+        offered = [(s, candidates(s)) for s in members if self._offers(s)]
+        device = self.ctx.device
+        flat_scores = torch.cat([scores(s)[c] for s, c in offered] or
+                                [torch.empty(0, device=device)])
+        positions = torch.cat([s.positions()[c] for s, c in offered] or
+                              [torch.empty(0, dtype=torch.int64, device=device)])
+        tie_keys = (positions * _TIE_SCRAMBLE) & ((1 << self.position_bits) - 1)
+        chosen = select_extreme(flat_scores, tie_keys, k, largest=largest,
+                                reduce_counts=self._reduce, position_bits=self.position_bits)
+        result, start = {}, 0
+        for s, c in offered:
+            picked = torch.zeros_like(s.mask)
+            count = int(c.sum())
+            picked[c] = chosen[start:start + count]
+            start += count
+            result[id(s)] = picked
+        for s in members:
+            if s.shard.replicated:
+                picked = result.get(id(s), torch.zeros_like(s.mask)).to(torch.uint8)
+                dist.broadcast(picked, src=0, group=self.ctx.group)
+                result[id(s)] = picked.bool()
+        return result
+
+    @torch.no_grad()
+    def _init_masks(self) -> None:
+        """Exactly `budget` active weights per group, at the positions of smallest hash."""
+        for group in self.groups:
+            chosen = self._select(group, group.budget, largest=False,
+                                  scores=lambda s: uniform_hash(s.positions(), self.seed),
+                                  candidates=lambda s: torch.ones_like(s.mask))
+            for s in self.shards:
+                if s.table in group.tables:
+                    s.mask.copy_(chosen[id(s)])
+                    s.apply_()
+
+    def before_step(self, step: int) -> None:
+        """Called before training step `step` (counted from 1): record gradients if the
+        growth signal needs this step."""
+        self.recorder.capturing = (self.cfg.growth == "accumulated" or
+                                   self.schedule.is_update_step(step))
+
+    def after_backward(self) -> None:
+        self.recorder.after_backward()
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int) -> Optional[dict[str, Any]]:
+        """Re-zeroes pruned weights of the rows this step updated; at update steps runs
+        drop-and-grow and returns its record."""
+        for s in self.shards:
+            s.apply_(None if s.shard.replicated else self.recorder.take_touched_rows(s))
+        return self.update(step) if self.schedule.is_update_step(step) else None
+
+    @torch.no_grad()
+    def update(self, step: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        moved = torch.zeros(3, dtype=torch.int64)  # dropped, grown, regrown (this rank)
+        for group in self.groups:
+            k = self.schedule.num_to_move(step, group.budget)
+            dropped = self._select(group, k, largest=False, scores=self.scoring.drop_scores,
+                                   candidates=lambda s: s.mask)
+            grown = self._select(group, k, largest=True, scores=self.scoring.grow_scores,
+                                 candidates=lambda s: ~(s.mask & ~dropped[id(s)]))
+            for s in self.shards:
+                if s.table not in group.tables:
+                    continue
+                drop, grow = dropped[id(s)], grown[id(s)]
+                new_mask = (s.mask & ~drop) | grow
+                if self._offers(s):
+                    moved += torch.tensor([int(drop.sum()), int(grow.sum()),
+                                           int((grow & (s.ever_dropped | drop)).sum())])
+                if self.cfg.reset_optimizer_state:
+                    self._reset_optimizer_state(s, new_mask)
+                s.ever_dropped |= drop
+                s.mask.copy_(new_mask)
+                s.apply_()
+        for s in self.shards:
+            s.growth.zero_()
+        active = self.active_per_table()
+        dropped_total, grown_total, regrown = (int(x) for x in self.ctx.all_reduce_sum(moved))
+        return {"step": step, "budget": self.budget, "active": sum(active.values()),
+                "dropped": dropped_total, "grown": grown_total, "regrown": regrown,
+                "fraction": self.schedule.fraction(step),
+                "density": {t: active[t] / self.table_sizes[t] for t in self.table_sizes},
+                "seconds": time.perf_counter() - started}
+
+    @staticmethod
+    def _reset_optimizer_state(shard: MaskedShard, new_mask: torch.Tensor) -> None:
+        """Zeroes per-weight optimizer state where the mask changes; per-row state (row-wise
+        Adagrad) only for rows that had no active weight before, since it is shared with the
+        row's other, unchanged weights."""
+        changed = new_mask ^ shard.mask
+        revived_rows = ~shard.mask.any(1) & new_mask.any(1)
+        for state in shard.shard.optimizer_states():
+            if state.numel() == changed.numel():
+                state.view_as(changed)[changed] = 0
+            elif state.numel() == changed.shape[0]:
+                state.view(-1)[revived_rows] = 0
+
+    def active_per_table(self) -> dict[str, int]:
+        """Active weights of each sparsified table, summed over the cluster."""
+        local = torch.zeros(len(self.table_sizes), dtype=torch.int64)
+        names = list(self.table_sizes)
+        for s in self.shards:
+            if self._offers(s):
+                local[names.index(s.table)] += int(s.mask.sum())
+        total = self.ctx.all_reduce_sum(local)
+        return {name: int(total[i]) for i, name in enumerate(names)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f"{s.table}/{s.shard.row_offset}/{s.shard.col_offset}": s.state_dict()
+                for s in self.shards}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for s in self.shards:
+            s.load_state_dict(state[f"{s.table}/{s.shard.row_offset}/{s.shard.col_offset}"])
+            s.apply_()

@@ -1,0 +1,89 @@
+"""Row-level bookkeeping from the embedding kernels: which rows a step touched, and the gradient
+that reached them.
+
+FBGEMM's fused kernels update the tables inside backward and never materialise the tables'
+gradients. A forward hook on each kernel sees the (local) row ids it looks up; a hook on its
+output's gradient scatters dL/d(pooled output) back to those rows, which for sum pooling is
+exactly the gradient of the weights, pruned positions included. Data-parallel tables are dense
+parameters, so their gradient is read directly.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torchrec import KeyedJaggedTensor
+
+from dsl_dist.sparsity.masks import MaskedShard
+
+
+class GrowthRecorder:
+    """Keeps the rows touched since the last re-masking and, while `capturing`, adds each
+    step's |gradient| (per weight) into the shards' `growth` statistic."""
+
+    def __init__(self, shards: list[MaskedShard], world_size: int) -> None:
+        self.world_size = world_size
+        self.capturing = False
+        self.replicated = [s for s in shards if s.shard.replicated]
+        self._touched: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self._by_kernel: dict[int, dict[str, MaskedShard]] = defaultdict(dict)
+        kernels = {}
+        for s in shards:
+            if not s.shard.replicated:
+                kernels[id(s.shard.kernel)] = s.shard.kernel
+                for feature in s.shard.feature_names:
+                    self._by_kernel[id(s.shard.kernel)][feature] = s
+        self._handles = [k.register_forward_hook(self._on_forward) for k in kernels.values()]
+
+    def _on_forward(self, kernel: Any, inputs: tuple, output: torch.Tensor) -> None:
+        if not (torch.is_grad_enabled() and output.requires_grad):
+            return  # evaluation: nothing will be updated
+        features: KeyedJaggedTensor = inputs[0]
+        shards = self._by_kernel[id(kernel)]
+        batch = features.stride()
+        lengths = features.lengths().view(-1, batch)
+        offsets = features.offset_per_key()
+        values, weights = features.values(), features.weights_or_none()
+        parts: dict[int, list[tuple[torch.Tensor, torch.Tensor, slice, Any]]] = defaultdict(list)
+        column = 0
+        for f, key in enumerate(features.keys()):
+            shard = shards[key]
+            ids = values[offsets[f]:offsets[f + 1]].long()
+            self._touched[id(shard)].append(ids)
+            if self.capturing:
+                bags = torch.repeat_interleave(torch.arange(batch, device=ids.device), lengths[f])
+                sample_weights = None if weights is None else weights[offsets[f]:offsets[f + 1]]
+                parts[id(shard)].append((ids, bags, slice(column, column + shard.shard.num_cols),
+                                         sample_weights))
+            column += shard.shard.num_cols
+        if self.capturing:
+            targets = {id(s): s for s in shards.values()}
+            output.register_hook(lambda grad: self._scatter(grad, parts, targets))
+
+    @torch.no_grad()
+    def _scatter(self, grad: torch.Tensor, parts: dict, targets: dict[int, MaskedShard]) -> None:
+        for key, pieces in parts.items():
+            ids = torch.cat([p[0] for p in pieces])
+            grads = torch.cat([grad[bags, columns] if w is None else grad[bags, columns] * w[:, None]
+                               for _, bags, columns, w in pieces])
+            rows, inverse = torch.unique(ids, return_inverse=True)
+            row_grad = torch.zeros(len(rows), grads.shape[1], dtype=torch.float32,
+                                   device=grads.device).index_add_(0, inverse, grads.float())
+            targets[key].growth[rows] += row_grad.abs()
+
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        """Adds the data-parallel shards' gradient (DDP's mean, times the world size: the same
+        sum over ranks that the sharded tables receive)."""
+        if self.capturing:
+            for s in self.replicated:
+                gradient = s.shard.gradient()
+                if gradient is not None:
+                    s.growth += gradient.abs() * self.world_size
+
+    def take_touched_rows(self, shard: MaskedShard) -> torch.Tensor:
+        """Unique local rows of `shard` looked up since the last call."""
+        ids = self._touched.pop(id(shard), [])
+        return torch.unique(torch.cat(ids)) if ids else torch.empty(0, dtype=torch.int64)

@@ -1,0 +1,77 @@
+"""A sparsity mask per local shard, addressed by global positions.
+
+The global position of weight (row r, column c) of table t is base(t) + r·cols(t) + c, with the
+tables in name order, so the same weight has the same position — and the same mask bit —
+whatever the sharding type and world size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dsl_dist.model.shards import TableShard
+
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # splitmix64 constants as signed int64
+_MIX_1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX_2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def uniform_hash(positions: torch.Tensor, seed: int) -> torch.Tensor:
+    """A float32 in [0, 1) per position, a pure function of (seed, position) (splitmix64)."""
+    seed_term = (seed * _MIX_2 + (1 << 63)) % (1 << 64) - (1 << 63)  # wrapped to int64
+    x = positions * _GOLDEN + seed_term
+    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _MIX_1
+    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _MIX_2
+    x = x ^ ((x >> 31) & ((1 << 33) - 1))
+    return ((x >> 40) & 0xFFFFFF).to(torch.float32) / float(1 << 24)
+
+
+@dataclass
+class MaskedShard:
+    """A table shard with its mask and the state drop-and-grow keeps about it."""
+
+    shard: TableShard
+    base: int
+    """Global position of the table's first weight."""
+    mask: torch.Tensor = field(init=False)
+    """bool (num_rows, num_cols): True = active."""
+    ever_dropped: torch.Tensor = field(init=False)
+    """bool: dropped by some earlier update (to count weights that come back)."""
+    growth: torch.Tensor = field(init=False)
+    """float32: the growth statistic (|gradient|, see GrowthRecorder)."""
+
+    def __post_init__(self) -> None:
+        shape, device = self.shard.weight.shape, self.shard.weight.device
+        self.mask = torch.zeros(shape, dtype=torch.bool, device=device)
+        self.ever_dropped = torch.zeros(shape, dtype=torch.bool, device=device)
+        self.growth = torch.zeros(shape, dtype=torch.float32, device=device)
+
+    @property
+    def table(self) -> str:
+        return self.shard.table
+
+    def positions(self) -> torch.Tensor:
+        """int64 (num_rows, num_cols) global positions of this shard's weights."""
+        s = self.shard
+        device = s.weight.device
+        rows = torch.arange(s.row_offset, s.row_offset + s.num_rows, device=device)
+        cols = torch.arange(s.col_offset, s.col_offset + s.num_cols, device=device)
+        return self.base + rows[:, None] * s.table_cols + cols[None, :]
+
+    @torch.no_grad()
+    def apply_(self, rows: torch.Tensor | None = None) -> None:
+        """Zeroes the pruned weights, of `rows` only (local indices) or of the whole shard."""
+        weight = self.shard.weight
+        if rows is None:
+            weight.masked_fill_(~self.mask, 0.0)
+        elif rows.numel():
+            weight[rows] = weight[rows].masked_fill(~self.mask[rows], 0.0)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"mask": self.mask, "ever_dropped": self.ever_dropped, "growth": self.growth}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, value in state.items():
+            getattr(self, name).copy_(value)
