@@ -23,6 +23,9 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], out_di
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     result = fn(*args)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    # The result is safe on disk: skip interpreter teardown, where native threads left by the
+    # libraries occasionally abort ("terminate called without an active exception").
+    os._exit(0)
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, out_dir: Path, *args: Any) -> list[Any]:

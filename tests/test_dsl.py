@@ -1,0 +1,210 @@
+"""Dynamic Sparse Learning on sharded tables, on real ranks: exact budget, pruned weights at
+zero, world-size-independent masks, optimizer-state reset, and a run that learns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA
+from ranks import run_ranks
+from test_config import load
+from test_training import SHARDING_TYPES, run_cli
+
+NUM_USERS, NUM_ITEMS, DIM = 30, 50, 8
+
+
+def build(sharding_type: str, optimizer: str = "rowwise_adagrad", scope: str = "global"):
+    from dsl_dist.config import ModelConfig, SparsityConfig, TrainConfig
+    from dsl_dist.distributed import init_distributed
+    from dsl_dist.model.mf import MatrixFactorization
+    from dsl_dist.model.sharding import embedding_tables, shard_model
+    from dsl_dist.model.shards import init_normal_, local_table_shards
+    from dsl_dist.sparsity.dsl import DynamicSparseTraining
+
+    ctx = init_distributed("gloo")
+    module = MatrixFactorization(NUM_USERS, NUM_ITEMS, DIM, 1)
+    tables = embedding_tables(module)
+    model = shard_model(module, ModelConfig(sharding_type=sharding_type, embedding_dim=DIM),
+                        TrainConfig(optimizer=optimizer, lr=0.1), ctx)
+    init_normal_(local_table_shards(model), 0.1, 0)
+    dsl = DynamicSparseTraining(SparsityConfig(name="dsl", density=0.3, delta_t=1, scope=scope),
+                                model, tables, ctx, total_steps=10, seed=0)
+    return ctx, model, dsl
+
+
+def dump_masks(dsl) -> list[dict]:
+    return [{"table": s.table, "row": s.shard.row_offset, "col": s.shard.col_offset,
+             "mask": s.mask.int().tolist()} for s in dsl.shards]
+
+
+def full_masks(per_rank: list[list[dict]]) -> dict[str, torch.Tensor]:
+    """Assembles each table's mask from the shards of all ranks by their global offsets."""
+    sizes = {"user": NUM_USERS, "item": NUM_ITEMS}
+    masks = {t: torch.full((n, DIM), -1) for t, n in sizes.items()}
+    for shards in per_rank:
+        for s in shards:
+            block = torch.tensor(s["mask"])
+            target = masks[s["table"]][s["row"]:s["row"] + block.shape[0],
+                                       s["col"]:s["col"] + block.shape[1]]
+            assert torch.all((target == -1) | (target == block)), "replicas disagree"
+            target.copy_(block)
+    assert all(bool((m >= 0).all()) for m in masks.values()), "a weight has no mask bit"
+    return masks
+
+
+def update_with_fixed_statistics(sharding_type: str, scope: str) -> dict:
+    """Identical weights (world-independent init) and growth statistics on any world size."""
+    from dsl_dist.distributed import shutdown_distributed
+    from dsl_dist.sparsity.masks import uniform_hash
+
+    ctx, model, dsl = build(sharding_type, scope=scope)
+    initial = dump_masks(dsl)
+    for s in dsl.shards:
+        s.growth.copy_(uniform_hash(s.positions(), seed=99))
+    record = dsl.update(step=1)
+    zeros = all(bool((s.shard.weight[~s.mask] == 0).all()) for s in dsl.shards)
+    result = {"initial": initial, "after": dump_masks(dsl), "record": record, "zeros": zeros,
+              "budget": dsl.budget}
+    shutdown_distributed()
+    return result
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("sharding_type, scope", [(t, "global") for t in SHARDING_TYPES] +
+                         [("row_wise", "per_table")])
+def test_two_ranks_choose_the_masks_one_rank_chooses(sharding_type: str, scope: str,
+                                                     tmp_path: Path) -> None:
+    one = run_ranks(update_with_fixed_statistics, 1, tmp_path / "one", sharding_type, scope)
+    two = run_ranks(update_with_fixed_statistics, 2, tmp_path / "two", sharding_type, scope)
+    budget = one[0]["budget"]
+    expected_budget = round(0.3 * (NUM_USERS + NUM_ITEMS) * DIM) if scope == "global" else \
+        round(0.3 * NUM_USERS * DIM) + round(0.3 * NUM_ITEMS * DIM)
+    assert budget == expected_budget
+    for phase in ("initial", "after"):
+        single, double = full_masks([one[0][phase]]), full_masks([r[phase] for r in two])
+        for table in single:
+            assert torch.equal(single[table], double[table]), (phase, table)
+        assert sum(int(m.sum()) for m in double.values()) == budget
+    assert not torch.equal(full_masks([one[0]["initial"]])["item"],
+                           full_masks([one[0]["after"]])["item"]), "the update moved nothing"
+    for result in one + two:
+        record = result["record"]
+        assert record["active"] == budget and record["dropped"] == record["grown"] > 0
+        assert result["zeros"]
+    assert one[0]["record"]["density"] == two[0]["record"]["density"] == two[1]["record"]["density"]
+
+
+def reset_after_training(optimizer: str) -> dict:
+    from torchrec import KeyedJaggedTensor
+
+    from dsl_dist.distributed import shutdown_distributed
+    from dsl_dist.model.mf import bpr_loss
+
+    ctx, model, dsl = build("row_wise", optimizer=optimizer)
+    ids = torch.tensor([0, 7, 21, 29, 3, 14, 40, 49]) + ctx.rank
+    batch = KeyedJaggedTensor.from_lengths_sync(keys=["user", "item", "neg_0"],
+                                                values=torch.cat([ids[:2] % NUM_USERS, ids[2:4],
+                                                                  ids[4:6]]),
+                                                lengths=torch.ones(6, dtype=torch.int32))
+    for step in range(1, 4):
+        dsl.before_step(step)
+        bpr_loss(model(batch), 1, 0.0).backward()
+        dsl.after_backward()
+        dsl.after_optimizer_step(step)
+    checks = []
+    for s in dsl.shards:
+        before = [state.clone() for state in s.shard.optimizer_states()]
+        old_mask = s.mask.clone()
+        checks.append((s, before, old_mask))
+    for s in dsl.shards:
+        s.growth.copy_(torch.rand(s.growth.shape, generator=torch.Generator().manual_seed(1)))
+    dsl.update(step=4)
+    report = {"elementwise_changed_zero": True, "unchanged_kept": True, "nonzero_before": False,
+              "revived_rows_zero": True}
+    for s, before, old_mask in checks:
+        changed = old_mask ^ s.mask
+        revived = ~old_mask.any(1) & s.mask.any(1)
+        for old, new in zip(before, s.shard.optimizer_states()):
+            report["nonzero_before"] |= bool((old != 0).any())
+            if new.numel() == changed.numel():
+                new, old = new.view_as(changed), old.view_as(changed)
+                report["elementwise_changed_zero"] &= bool((new[changed] == 0).all())
+                report["unchanged_kept"] &= bool(torch.equal(new[~changed], old[~changed]))
+            else:
+                report["revived_rows_zero"] &= bool((new.view(-1)[revived] == 0).all())
+                report["unchanged_kept"] &= bool(torch.equal(new.view(-1)[~revived],
+                                                             old.view(-1)[~revived]))
+        assert bool((s.shard.weight[~s.mask] == 0).all())
+    shutdown_distributed()
+    return report
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("optimizer", ["adagrad", "rowwise_adagrad"])
+def test_optimizer_state_is_reset_where_the_mask_changes(optimizer: str, tmp_path: Path) -> None:
+    for report in run_ranks(reset_after_training, 2, tmp_path, optimizer):
+        assert report == {"elementwise_changed_zero": True, "unchanged_kept": True,
+                          "nonzero_before": True, "revived_rows_zero": True}
+
+
+def train_sparse(overrides: list[str]) -> dict:
+    from dsl_dist.distributed import init_distributed, shutdown_distributed
+    from dsl_dist.run_log import RunLog
+    from dsl_dist.train import Trainer
+
+    cfg = load(*overrides)
+    ctx = init_distributed("gloo")
+    log = RunLog(Path(cfg.run_dir), enabled=ctx.is_main)
+    ctx.main_then_broadcast(log.claim)
+    trainer = Trainer(cfg, ctx, log)
+    metrics = trainer.fit()
+    zeros = all(bool((s.shard.weight[~s.mask] == 0).all()) for s in trainer.sparsity.shards)
+    active = sum(trainer.sparsity.active_per_table().values())
+    shutdown_distributed()
+    return {"metrics": metrics, "zeros": zeros, "active": active}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("sharding_type", SHARDING_TYPES)
+def test_sparse_training_keeps_the_budget(sharding_type: str, clustered_source: Path,
+                                          tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    overrides = [f"data.source={clustered_source}", f"data.path={tmp_path / 'prepared'}",
+                 "data.batch_size=32", "model.embedding_dim=16", "train.epochs=4",
+                 f"model.sharding_type={sharding_type}", "train.lr=0.1", "train.log_every=0",
+                 "sparsity=dsl", "sparsity.density=0.25", "sparsity.delta_t=2",
+                 "sparsity.growth=accumulated", f"run_dir={run_dir}"]
+    results = run_ranks(train_sparse, 2, tmp_path / "out", overrides)
+    budget = round(0.25 * (120 + 60) * 16)
+    assert all(r["zeros"] for r in results), "a pruned weight is not zero after training"
+    assert results[0]["active"] == results[1]["active"] == budget
+    assert results[0]["metrics"] == results[1]["metrics"]
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    updates = [e for e in events if e["event"] == "update"]
+    assert len(updates) >= 5
+    for update in updates:
+        assert update["active"] == update["budget"] == budget
+        assert update["dropped"] == update["grown"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(not (SHARED_DATA / "lastfm").is_dir(), reason="shared data not present")
+def test_dsl_on_lastfm_learns_and_moves_table_densities(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    done = run_cli(f"data.source={SHARED_DATA / 'lastfm'}", f"data.path={tmp_path / 'lastfm'}",
+                   "sparsity=dsl", "sparsity.density=0.2", "sparsity.delta_t=20",
+                   "train.epochs=4", "model.sharding_type=row_wise", f"run_dir={run_dir}",
+                   cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in events if e["event"] == "epoch"]
+    updates = [e for e in events if e["event"] == "update"]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert updates and all(u["active"] == u["budget"] for u in updates)
+    first, last = updates[0]["density"], updates[-1]["density"]
+    assert abs(last["user"] - 0.2) > 0.05 and abs(last["item"] - 0.2) > 0.01, (first, last)
+    assert events[-1]["event"] == "eval" and events[-1]["recall@20"] > 0.05
