@@ -53,7 +53,7 @@ class Manifest:
             splits = {name: SplitInfo(split["rows"], [ShardInfo(**s) for s in split["shards"]])
                       for name, split in raw.pop("splits").items()}
             manifest = cls(splits=splits, **raw)
-        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        except (AttributeError, KeyError, TypeError, json.JSONDecodeError) as exc:
             raise DataError(f"{path}: malformed manifest ({exc})") from None
         for split in manifest.splits.values():
             for shard in split.shards:

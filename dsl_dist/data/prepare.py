@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
+import time
+import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -28,8 +29,14 @@ def find_source_splits(source_dir: Path) -> dict[str, Path]:
     source_dir = Path(source_dir)
     if not source_dir.is_dir():
         raise DataError(f"{source_dir}: no such directory")
-    found = {split: source_dir / f"{split}{ext}" for split in SPLITS for ext in FORMATS
-             if (source_dir / f"{split}{ext}").is_file()}
+    found = {}
+    for split in SPLITS:
+        files = [source_dir / f"{split}{ext}" for ext in FORMATS
+                 if (source_dir / f"{split}{ext}").is_file()]
+        if len(files) > 1:
+            raise DataError(f"{source_dir}: more than one {split} file: {[f.name for f in files]}")
+        if files:
+            found[split] = files[0]
     if "train" not in found:
         raise DataError(f"{source_dir}: no train file (train.txt, train.csv or train.parquet)")
     return found
@@ -37,9 +44,10 @@ def find_source_splits(source_dir: Path) -> dict[str, Path]:
 
 def split_interactions(table: pa.Table, *, test_fraction: float, valid_fraction: float = 0.0,
                        seed: int = 0) -> dict[str, pa.Table]:
-    """Holds out a fraction of each user's interactions: the latest ones when the table has
-    timestamps, random ones (by seed) otherwise."""
-    if not (0 < test_fraction < 1 and 0 <= valid_fraction < 1 and test_fraction + valid_fraction < 1):
+    """Holds out a fraction of each user's interactions, for data that comes as one file: the
+    latest ones when the table has timestamps, random ones (by seed) otherwise. Counts round
+    down, so a user with too few interactions keeps them all in train."""
+    if not (0 < test_fraction and 0 <= valid_fraction and test_fraction + valid_fraction < 1):
         raise DataError(f"test_fraction={test_fraction}, valid_fraction={valid_fraction}: "
                         "need 0 < test, 0 <= valid and test + valid < 1")
     users = table["user"].to_numpy()
@@ -49,10 +57,10 @@ def split_interactions(table: pa.Table, *, test_fraction: float, valid_fraction:
     sorted_users = users[order]
     starts = np.r_[0, np.flatnonzero(np.diff(sorted_users)) + 1]
     counts = np.diff(np.r_[starts, len(users)])
-    position = np.arange(len(users)) - np.repeat(starts, counts)
-    from_end = np.repeat(counts, counts) - position  # 1 for each user's last row
-    n_test = np.floor(np.repeat(counts, counts) * test_fraction)
-    n_valid = np.floor(np.repeat(counts, counts) * valid_fraction)
+    user_rows = np.repeat(counts, counts)  # per row: how many rows its user has
+    from_end = user_rows - (np.arange(len(users)) - np.repeat(starts, counts))  # last row: 1
+    n_test = np.floor(user_rows * test_fraction)
+    n_valid = np.floor(user_rows * valid_fraction)
     which = np.where(from_end <= n_test, 2, np.where(from_end <= n_test + n_valid, 1, 0))
     parts = {"train": 0, "valid": 1, "test": 2}
     out = {name: table.take(pa.array(order[which == code])) for name, code in parts.items()}
@@ -80,6 +88,7 @@ def prepare_dataset(splits: dict[str, Path], out_dir: Path, *, name: str, num_sh
                     rows_per_group: int = 65536, seed: int = 0, overwrite: bool = False,
                     user_col: str = "user", item_col: str = "item") -> Manifest:
     """Reads `splits` (name → file), remaps ids and writes the data set to `out_dir`."""
+    _check_target(Path(out_dir), overwrite)  # before reading inputs that may take a while
     return write_dataset({s: read_interactions(p, user_col, item_col) for s, p in splits.items()},
                          out_dir, name=name, num_shards=num_shards,
                          rows_per_group=rows_per_group, seed=seed, overwrite=overwrite)
@@ -88,42 +97,69 @@ def prepare_dataset(splits: dict[str, Path], out_dir: Path, *, name: str, num_sh
 def write_dataset(tables: dict[str, pa.Table], out_dir: Path, *, name: str, num_shards: int = 4,
                   rows_per_group: int = 65536, seed: int = 0,
                   overwrite: bool = False) -> Manifest:
-    """Remaps ids to contiguous ranges (sorted raw order, so contiguous ids stay as they are),
-    shuffles train rows so that any contiguous range is a uniform sample, sorts the eval
-    splits by (user, item), and writes everything into place only once it is complete."""
+    """Writes tables as read by `read_interactions` (name → table) as a data set: remaps ids
+    to contiguous ranges (sorted raw order, so contiguous ids stay as they are), shuffles train
+    rows so that any contiguous range is a uniform sample, sorts the eval splits by (user,
+    item), and moves everything into place only once it is complete."""
     out_dir = Path(out_dir)
-    if "train" not in tables:
-        raise DataError("a data set needs a train split")
+    if "train" not in tables or not set(tables) <= set(SPLITS):
+        raise DataError(f"splits {sorted(tables)}: need 'train', and only names from {SPLITS}")
     if num_shards < 1 or rows_per_group < 1:
         raise DataError(f"num_shards={num_shards}, rows_per_group={rows_per_group}: must be >= 1")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise DataError(f"{out_dir}: already exists and is not empty; pass --overwrite to "
-                        "replace it")
-    user_ids = _id_map(list(tables.values()), "user")
-    item_ids = _id_map(list(tables.values()), "item")
+    _check_target(out_dir, overwrite)
+    ids = {column: _id_map(list(tables.values()), column) for column in ("user", "item")}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    # A sibling, so that the final rename stays on one file system; mkdir (unlike mkdtemp)
+    # gives it the usual permissions, which the data set keeps.
+    staging = out_dir.with_name(f".{out_dir.name}-{uuid.uuid4().hex[:12]}")
+    staging.mkdir()
     try:
         split_infos = {}
         for split, table in tables.items():
-            table = table.set_column(0, "user", pa.array(np.searchsorted(user_ids, table["user"])))
-            table = table.set_column(1, "item", pa.array(np.searchsorted(item_ids, table["item"])))
+            for column, raw in ids.items():
+                index = np.searchsorted(raw, table[column].to_numpy())
+                table = table.set_column(table.schema.get_field_index(column), column,
+                                         pa.array(index))
             if split == "train":
-                table = table.take(pa.array(np.random.default_rng(seed).permutation(table.num_rows)))
+                order = np.random.default_rng(seed).permutation(table.num_rows)
+                table = table.take(pa.array(order))
             else:
                 table = table.sort_by([("user", "ascending"), ("item", "ascending")])
             split_infos[split] = _write_split(table, staging, split, num_shards, rows_per_group)
-        for column, ids in (("user", user_ids), ("item", item_ids)):
-            pq.write_table(pa.table({"raw": ids, "index": np.arange(len(ids))}),
+        for column, raw in ids.items():
+            pq.write_table(pa.table({"raw": raw, "index": np.arange(len(raw))}),
                            staging / f"{column}_map.parquet")
-        manifest = Manifest(SCHEMA_VERSION, name, len(user_ids), len(item_ids), seed, split_infos)
+        manifest = Manifest(SCHEMA_VERSION, name, len(ids["user"]), len(ids["item"]), seed,
+                            split_infos)
         manifest.save(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        _move_into_place(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def _check_target(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: exists and is not a directory")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise DataError(f"{out_dir}: already exists and is not empty; pass --overwrite to "
+                        "replace it")
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Renames the complete `staging` to `out_dir`; an existing `out_dir` is put aside first
+    and deleted only once the new one is in place, so that a failure keeps the old one."""
+    if not out_dir.exists():
+        staging.rename(out_dir)
+        return
+    old = staging.with_name(f"{staging.name}-old")
+    out_dir.rename(old)
+    try:
+        staging.rename(out_dir)
+    except OSError:
+        old.rename(out_dir)
+        raise
+    shutil.rmtree(old)
 
 
 def ensure_prepared(source: Path, out_dir: Path, *, name: str, num_shards: int,
@@ -136,18 +172,20 @@ def ensure_prepared(source: Path, out_dir: Path, *, name: str, num_shards: int,
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    """The CLI; bad input data ends it with `error: ...` on stderr and exit status 2."""
     parser = argparse.ArgumentParser(prog="python -m dsl_dist.data.prepare",
                                      description=__doc__.splitlines()[0])
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--source", type=Path, help="directory with train/valid/test files")
     inputs.add_argument("--train", type=Path, help="train file (with --valid/--test)")
-    inputs.add_argument("--interactions", type=Path, help="one file, split per user")
+    inputs.add_argument("--interactions", type=Path,
+                        help="one file, held out per user (with --test-fraction)")
     parser.add_argument("--valid", type=Path)
     parser.add_argument("--test", type=Path)
-    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--test-fraction", type=float)
     parser.add_argument("--valid-fraction", type=float, default=0.0)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--name")
+    parser.add_argument("--name", help="data set name (default: the --out directory name)")
     parser.add_argument("--num-shards", type=int, default=4)
     parser.add_argument("--rows-per-group", type=int, default=65536)
     parser.add_argument("--seed", type=int, default=0)
@@ -155,8 +193,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--user-col", default="user")
     parser.add_argument("--item-col", default="item")
     args = parser.parse_args(argv)
+    if (args.valid or args.test) and not args.train:
+        parser.error("--valid and --test go with --train")
+    if (args.test_fraction is not None) != bool(args.interactions):
+        parser.error("--interactions needs --test-fraction, which only goes with it")
     options = dict(name=args.name or args.out.name, num_shards=args.num_shards,
                    rows_per_group=args.rows_per_group, seed=args.seed, overwrite=args.overwrite)
+    started = time.perf_counter()
     try:
         if args.interactions:
             table = read_interactions(args.interactions, args.user_col, args.item_col)
@@ -173,7 +216,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     rows = ", ".join(f"{s} {info.rows:,}" for s, info in manifest.splits.items())
-    print(f"{args.out}: {manifest.num_users:,} users, {manifest.num_items:,} items; rows: {rows}")
+    print(f"{args.out}: {manifest.num_users:,} users, {manifest.num_items:,} items; rows: {rows} "
+          f"({time.perf_counter() - started:.1f}s)")
 
 
 if __name__ == "__main__":

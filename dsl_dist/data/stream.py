@@ -47,12 +47,17 @@ class ShardReader:
 
     def file(self, shard: ShardInfo) -> pq.ParquetFile:
         if shard.path not in self._files:
+            path = self.dataset_dir / shard.path
             if self.verify_checksums:
                 verify_shard(self.dataset_dir, shard)
             try:
-                self._files[shard.path] = pq.ParquetFile(self.dataset_dir / shard.path)
+                parquet = pq.ParquetFile(path)
             except Exception as exc:  # pyarrow raises several types for unreadable files
-                raise DataError(f"{self.dataset_dir / shard.path}: unreadable shard ({exc})") from None
+                raise DataError(f"{path}: unreadable shard ({exc})") from None
+            if parquet.metadata.num_rows != shard.rows:  # row offsets would be wrong
+                raise DataError(f"{path}: {parquet.metadata.num_rows} rows, the manifest says "
+                                f"{shard.rows}")
+            self._files[shard.path] = parquet
         return self._files[shard.path]
 
     def read(self, group: RowGroup) -> tuple[np.ndarray, np.ndarray]:
@@ -94,11 +99,16 @@ class InteractionStream:
     exactly `steps_per_epoch` steps. Row groups are visited in a seeded order and mixed through a
     shuffle buffer; negatives are uniform over items. (seed, epoch, rank, world_size) fix the
     batches. Each batch has keys [user, item, neg_0, ...], one id per sample and key.
+
+    Each iteration is one pass over the epoch set by `set_epoch`; after `load_state_dict`, the
+    next one starts after the batches that the saved state had already taken.
     """
 
     def __init__(self, dataset_dir: Path, *, rank: int, world_size: int, batch_size: int,
                  num_negatives: int = 1, seed: int = 0, shuffle_buffer: int = 65536,
                  verify_checksums: bool = True) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.manifest = Manifest.load(dataset_dir)
         self.reader = ShardReader(dataset_dir, self.manifest, verify_checksums)
         self.rank, self.world_size = rank, world_size
@@ -112,24 +122,28 @@ class InteractionStream:
                             f"batch of {batch_size}; lower data.batch_size")
         self.epoch = 0
         self.batches_done = 0
+        self._resume_at = 0  # batches the next iteration skips
 
     def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch of the next iteration; setting the epoch of a loaded state again
+        keeps its resume point, so that a training loop can call this unconditionally."""
         if epoch != self.epoch:
-            self.epoch, self.batches_done = epoch, 0
+            self.epoch, self.batches_done, self._resume_at = epoch, 0, 0
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batches_done": self.batches_done}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+        self._resume_at = self.batches_done
 
     def part(self) -> tuple[int, int]:
         """This rank's global train rows [start, stop) in the current epoch."""
         part = (self.rank + self.epoch) % self.world_size
         return part * self.part_rows, (part + 1) * self.part_rows
 
-    def _positives(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, self.world_size])
+    def _positives(self, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(users, items) of full batches: row groups in a random order through the buffer."""
         groups = self.reader.row_groups("train", *self.part())
         users, items, held = [], [], 0
         for k, position in enumerate(rng.permutation(len(groups))):
@@ -149,15 +163,17 @@ class InteractionStream:
             held -= full
 
     def __iter__(self) -> Iterator[KeyedJaggedTensor]:
+        shuffle_seed, negatives_seed = np.random.SeedSequence(
+            [self.seed, self.epoch, self.rank, self.world_size]).spawn(2)
         generator = torch.Generator().manual_seed(
-            hash((self.seed, self.epoch, self.rank, self.world_size)) & (2**63 - 1))
+            int(negatives_seed.generate_state(1, np.uint64)[0]))
+        positives = self._positives(np.random.default_rng(shuffle_seed))
         lengths = torch.ones(len(self.keys) * self.batch_size, dtype=torch.int32)
-        for step, (users, items) in enumerate(self._positives()):
-            if step == self.steps_per_epoch:
-                break
+        resume_at, self._resume_at, self.batches_done = self._resume_at, 0, self._resume_at
+        for step, (users, items) in enumerate(positives):  # steps_per_epoch batches
             negatives = torch.randint(self.manifest.num_items,
                                       (self.num_negatives, self.batch_size), generator=generator)
-            if step < self.batches_done:  # resuming: replay the stream up to where it stopped
+            if step < resume_at:  # replay the random streams up to where the saved state was
                 continue
             values = torch.cat([torch.from_numpy(users), torch.from_numpy(items),
                                 negatives.flatten()])
