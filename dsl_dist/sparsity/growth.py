@@ -28,38 +28,43 @@ class GrowthRecorder:
         self.capturing = False
         self.replicated = [s for s in shards if s.shard.replicated]
         self._touched: dict[int, list[torch.Tensor]] = defaultdict(list)
-        self._by_kernel: dict[int, dict[str, MaskedShard]] = defaultdict(dict)
-        kernels = {}
-        for s in shards:
-            if not s.shard.replicated:
-                kernels[id(s.shard.kernel)] = s.shard.kernel
-                for feature in s.shard.feature_names:
-                    self._by_kernel[id(s.shard.kernel)][feature] = s
+        # Per kernel, its features in output-column order: (width, the sparsified shard or None).
+        self._columns: dict[int, dict[str, tuple[int, MaskedShard | None]]] = {}
+        kernels = {id(s.shard.kernel): s.shard.kernel for s in shards if not s.shard.replicated}
+        masked = {(id(s.shard.kernel), s.shard.index): s for s in shards}
+        for key, kernel in kernels.items():
+            self._columns[key] = {
+                feature: (table.local_cols, masked.get((key, index)))
+                for index, table in enumerate(kernel.config.embedding_tables)
+                for feature in table.feature_names}
         self._handles = [k.register_forward_hook(self._on_forward) for k in kernels.values()]
 
     def _on_forward(self, kernel: Any, inputs: tuple, output: torch.Tensor) -> None:
         if not (torch.is_grad_enabled() and output.requires_grad):
             return  # evaluation: nothing will be updated
         features: KeyedJaggedTensor = inputs[0]
-        shards = self._by_kernel[id(kernel)]
+        columns = self._columns[id(kernel)]
         batch = features.stride()
         lengths = features.lengths().view(-1, batch)
         offsets = features.offset_per_key()
         values, weights = features.values(), features.weights_or_none()
         parts: dict[int, list[tuple[torch.Tensor, torch.Tensor, slice, Any]]] = defaultdict(list)
+        targets: dict[int, MaskedShard] = {}
         column = 0
         for f, key in enumerate(features.keys()):
-            shard = shards[key]
-            ids = values[offsets[f]:offsets[f + 1]].long()
-            self._touched[id(shard)].append(ids)
-            if self.capturing:
-                bags = torch.repeat_interleave(torch.arange(batch, device=ids.device), lengths[f])
-                sample_weights = None if weights is None else weights[offsets[f]:offsets[f + 1]]
-                parts[id(shard)].append((ids, bags, slice(column, column + shard.shard.num_cols),
-                                         sample_weights))
-            column += shard.shard.num_cols
-        if self.capturing:
-            targets = {id(s): s for s in shards.values()}
+            width, shard = columns[key]
+            if shard is not None:
+                ids = values[offsets[f]:offsets[f + 1]].long()
+                self._touched[id(shard)].append(ids)
+                if self.capturing:
+                    bags = torch.repeat_interleave(torch.arange(batch, device=ids.device),
+                                                   lengths[f])
+                    sample_weights = None if weights is None else weights[offsets[f]:offsets[f + 1]]
+                    parts[id(shard)].append((ids, bags, slice(column, column + width),
+                                             sample_weights))
+                    targets[id(shard)] = shard
+            column += width
+        if parts:
             output.register_hook(lambda grad: self._scatter(grad, parts, targets))
 
     @torch.no_grad()
@@ -84,6 +89,7 @@ class GrowthRecorder:
                     s.growth += gradient.abs() * self.world_size
 
     def take_touched_rows(self, shard: MaskedShard) -> torch.Tensor:
-        """Unique local rows of `shard` looked up since the last call."""
+        """Local rows of `shard` looked up since the last call (with repeats: re-masking a row
+        twice costs less than sorting the ids)."""
         ids = self._touched.pop(id(shard), [])
-        return torch.unique(torch.cat(ids)) if ids else torch.empty(0, dtype=torch.int64)
+        return torch.cat(ids) if ids else torch.empty(0, dtype=torch.int64)
