@@ -117,19 +117,25 @@ class Trainer:
         return self.evaluate(epoch)
 
 
-def run(cfg: JobConfig) -> dict[str, float]:
-    """Trains and evaluates on the process group of the current environment."""
+def build_trainer(cfg: JobConfig) -> Trainer:
+    """Validates `cfg`, joins the process group of the current environment, claims the run
+    directory and builds this rank's trainer."""
     cfg.validate()
     ctx = init_distributed(cfg.backend)
+    run_dir = ctx.broadcast_object(Path(cfg.run_dir) if cfg.run_dir else default_run_dir(
+        cfg.data.name, cfg.model.name, cfg.sparsity.name))
+    log = RunLog(run_dir, enabled=ctx.is_main)
+    ctx.main_then_broadcast(log.claim)
+    log.print(f"run_dir {run_dir}, {ctx.world_size} rank(s), backend {ctx.backend}")
+    if ctx.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    return Trainer(cfg, ctx, log)
+
+
+def run(cfg: JobConfig) -> dict[str, float]:
+    """Trains and evaluates; returns the final metrics."""
     try:
-        run_dir = ctx.broadcast_object(Path(cfg.run_dir) if cfg.run_dir else default_run_dir(
-            cfg.data.name, cfg.model.name, cfg.sparsity.name))
-        log = RunLog(run_dir, enabled=ctx.is_main)
-        ctx.main_then_broadcast(log.claim)
-        log.print(f"run_dir {run_dir}, {ctx.world_size} rank(s), backend {ctx.backend}")
-        if ctx.is_main:
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        return Trainer(cfg, ctx, log).fit()
+        return build_trainer(cfg).fit()
     finally:
         shutdown_distributed()
 

@@ -152,15 +152,10 @@ def test_optimizer_state_is_reset_where_the_mask_changes(optimizer: str, tmp_pat
 
 
 def train_sparse(overrides: list[str]) -> dict:
-    from dsl_dist.distributed import init_distributed, shutdown_distributed
-    from dsl_dist.run_log import RunLog
-    from dsl_dist.train import Trainer
+    from dsl_dist.distributed import shutdown_distributed
+    from dsl_dist.train import build_trainer
 
-    cfg = load(*overrides)
-    ctx = init_distributed("gloo")
-    log = RunLog(Path(cfg.run_dir), enabled=ctx.is_main)
-    ctx.main_then_broadcast(log.claim)
-    trainer = Trainer(cfg, ctx, log)
+    trainer = build_trainer(load(*overrides))
     metrics = trainer.fit()
     zeros = all(bool((s.shard.weight[~s.mask] == 0).all()) for s in trainer.sparsity.shards)
     active = sum(trainer.sparsity.active_per_table().values())
@@ -169,17 +164,19 @@ def train_sparse(overrides: list[str]) -> dict:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("sharding_type", SHARDING_TYPES)
-def test_sparse_training_keeps_the_budget(sharding_type: str, clustered_source: Path,
-                                          tmp_path: Path) -> None:
+@pytest.mark.parametrize("sharding_type, tables", [(t, []) for t in SHARDING_TYPES] +
+                         [("table_wise", ["item"])])
+def test_sparse_training_keeps_the_budget(sharding_type: str, tables: list[str],
+                                          clustered_source: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     overrides = [f"data.source={clustered_source}", f"data.path={tmp_path / 'prepared'}",
                  "data.batch_size=32", "model.embedding_dim=16", "train.epochs=4",
                  f"model.sharding_type={sharding_type}", "train.lr=0.1", "train.log_every=0",
                  "sparsity=dsl", "sparsity.density=0.25", "sparsity.delta_t=2",
-                 "sparsity.growth=accumulated", f"run_dir={run_dir}"]
+                 "sparsity.growth=accumulated", f"sparsity.tables=[{','.join(tables)}]",
+                 f"run_dir={run_dir}"]
     results = run_ranks(train_sparse, 2, tmp_path / "out", overrides)
-    budget = round(0.25 * (120 + 60) * 16)
+    budget = round(0.25 * (60 if tables else 120 + 60) * 16)
     assert all(r["zeros"] for r in results), "a pruned weight is not zero after training"
     assert results[0]["active"] == results[1]["active"] == budget
     assert results[0]["metrics"] == results[1]["metrics"]

@@ -55,16 +55,13 @@ def brute_force_metrics(users: np.ndarray, items: np.ndarray, source: Path, data
 
 
 def train_and_check(overrides: list[str], source: str) -> dict:
-    from dsl_dist.distributed import init_distributed, shutdown_distributed
+    from dsl_dist.distributed import shutdown_distributed
     from dsl_dist.evaluation import item_matrix, lookup
-    from dsl_dist.run_log import RunLog
-    from dsl_dist.train import Trainer
+    from dsl_dist.train import build_trainer
 
     cfg = load(*overrides)
-    ctx = init_distributed("gloo")
-    log = RunLog(Path(cfg.run_dir), enabled=ctx.is_main)
-    ctx.main_then_broadcast(log.claim)
-    trainer = Trainer(cfg, ctx, log)
+    trainer = build_trainer(cfg)
+    ctx = trainer.ctx
     metrics = trainer.fit()
     with torch.no_grad():
         items = item_matrix(trainer.model, trainer.feature_names, trainer.manifest.num_items, 64,
