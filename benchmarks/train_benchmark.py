@@ -39,6 +39,10 @@ def main(argv: list[str]) -> None:
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [e for e in events if e["event"] == "epoch"]
     evals = [e for e in events if e["event"] == "eval"]
+    updates = [e for e in events if e["event"] == "update"]
+    train_seconds = sum(e["seconds"] for e in epochs)
+    update_seconds = sum(e["seconds"] for e in updates)
+    samples = sum(e["samples_per_s"] * e["seconds"] for e in epochs)
     result = {
         "name": name,
         "overrides": overrides,
@@ -47,7 +51,12 @@ def main(argv: list[str]) -> None:
                     "torch": torch.__version__},
         "epochs": len(epochs),
         "seconds_per_epoch": mean(e["seconds"] for e in epochs),
-        "train_samples_per_s": mean(e["samples_per_s"] for e in epochs),
+        "train_samples_per_s": samples / train_seconds,
+        "train_samples_per_s_between_updates": samples / (train_seconds - update_seconds),
+        "updates": len(updates),
+        "update_seconds_total": update_seconds,
+        "update_time_fraction": update_seconds / train_seconds,
+        "final_density": updates[-1]["density"] if updates else None,
         "peak_rss_mb_per_rank": [max(e["peak_rss_mb"][r] for e in epochs) for r in range(nproc)],
         "final_loss": epochs[-1]["loss"],
         "final_metrics": {k: v for k, v in evals[-1].items()
