@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 NPROC ?= 2
 ARGS ?=
 
-.PHONY: install train test benchmark
+.PHONY: install train test benchmark benchmark-dsl
 
 $(VENV)/.installed: pyproject.toml requirements-cpu.txt requirements-cpu-nodeps.txt
 	python3 -m venv $(VENV)
@@ -25,3 +25,8 @@ test: install
 
 benchmark: install
 	$(PY) benchmarks/train_benchmark.py mf_gowalla_dense +experiment=mf_gowalla $(ARGS)
+
+benchmark-dsl: install
+	$(PY) benchmarks/train_benchmark.py mf_gowalla_dsl_d0.2 +experiment=mf_gowalla_dsl sparsity.density=0.2 $(ARGS)
+	$(PY) benchmarks/train_benchmark.py mf_gowalla_dsl_d0.1 +experiment=mf_gowalla_dsl sparsity.density=0.1 $(ARGS)
+	$(PY) benchmarks/dsl_vs_dense.py
