@@ -76,7 +76,7 @@ class GrowthRecorder:
             rows, inverse = torch.unique(ids, return_inverse=True)
             row_grad = torch.zeros(len(rows), grads.shape[1], dtype=torch.float32,
                                    device=grads.device).index_add_(0, inverse, grads.float())
-            targets[key].growth[rows] += row_grad.abs()
+            targets[key].growth.index_add_(0, rows, row_grad.abs_())
 
     @torch.no_grad()
     def after_backward(self) -> None:
