@@ -205,3 +205,29 @@ def test_dsl_on_lastfm_learns_and_moves_table_densities(tmp_path: Path) -> None:
     first, last = updates[0]["density"], updates[-1]["density"]
     assert abs(last["user"] - 0.2) > 0.05 and abs(last["item"] - 0.2) > 0.01, (first, last)
     assert events[-1]["event"] == "eval" and events[-1]["recall@20"] > 0.05
+
+
+def train_metrics(overrides: list[str]) -> dict:
+    from dsl_dist.distributed import shutdown_distributed
+    from dsl_dist.train import build_trainer
+
+    metrics = build_trainer(load(*overrides)).fit()
+    shutdown_distributed()
+    return metrics
+
+
+@pytest.mark.multiprocess
+def test_full_density_trains_exactly_like_dense(clustered_source: Path, tmp_path: Path) -> None:
+    """At density 1 every dropped weight is grown straight back with its value, so DSL must
+    leave training untouched: a check that masking and updates add nothing of their own."""
+    common = [f"data.source={clustered_source}", f"data.path={tmp_path / 'prepared'}",
+              "data.batch_size=32", "model.embedding_dim=16", "train.epochs=3",
+              "model.sharding_type=row_wise", "train.log_every=0"]
+    dense = run_ranks(train_metrics, 2, tmp_path / "dense", common + [f"run_dir={tmp_path / 'd'}"])
+    full = run_ranks(train_metrics, 2, tmp_path / "full",
+                     common + ["sparsity=dsl", "sparsity.density=1.0", "sparsity.delta_t=3",
+                               "sparsity.growth=accumulated", f"run_dir={tmp_path / 's'}"])
+    assert dense[0] == full[0] == full[1]
+    updates = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text()
+               .splitlines() if '"update"' in line]
+    assert updates and all(u["dropped"] == u["grown"] == u["regrown"] > 0 for u in updates)
