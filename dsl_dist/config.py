@@ -176,19 +176,61 @@ class SparsityConfig:
 
 
 @dataclass
+class ControlConfig:
+    """Where the drop-and-grow controller lives (see dsl_dist/control)."""
+
+    controller: str = "auto"
+    """collective: torch.distributed collectives, rank 0's replica authoritative; ray: a named
+    Ray actor; auto: ray inside a Ray job or when a Ray address is given, else collective."""
+    ray_address: Optional[str] = None
+    """Ray cluster for the controller actor; null: the RAY_ADDRESS environment variable."""
+    actor_name: Optional[str] = None
+    """Name of an existing controller actor (set by the Ray launcher); null: a new one."""
+
+    def validate(self) -> None:
+        _require(self.controller in ("auto", "collective", "ray"), "control.controller",
+                 "must be auto, collective or ray", self.controller)
+
+
+@dataclass
+class RayConfig:
+    """The Ray Train launcher (`python -m dsl_dist.ray_train`)."""
+
+    num_workers: int = 2
+    """Training workers (ranks)."""
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    """One GPU per worker (NCCL); false: CPU workers with gloo."""
+    storage_path: str = "runs/ray"
+    """Where Ray Train keeps its results and checkpoints (a shared file system or bucket URI
+    on a multi-node cluster)."""
+    max_failures: int = 0
+    """Worker-group restarts Ray Train may make after a failure."""
+
+    def validate(self) -> None:
+        _require(self.num_workers >= 1, "ray.num_workers", "must be >= 1", self.num_workers)
+        _require(self.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0",
+                 self.cpus_per_worker)
+        _require(self.max_failures >= -1, "ray.max_failures", "must be >= -1 (-1: unlimited)",
+                 self.max_failures)
+
+
+@dataclass
 class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     run_dir: Optional[str] = None
     """Where metrics.jsonl and results go; None: runs/<data>-<model>-<sparsity>-<time>."""
     backend: str = "auto"
     """torch.distributed backend: auto (nccl with CUDA, else gloo), gloo or nccl."""
 
     def validate(self) -> None:
-        for section in (self.data, self.model, self.train, self.eval):
+        for section in (self.data, self.model, self.train, self.eval, self.control, self.ray):
             section.validate()
         self.sparsity.validate(self.train.max_steps)
         _require(self.backend in ("auto", "gloo", "nccl"), "backend", "must be auto, gloo or nccl",

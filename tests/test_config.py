@@ -52,6 +52,9 @@ def test_unknown_key_and_wrong_type_are_refused() -> None:
     ("sparsity=dsl sparsity.zeta_0=1.2", "sparsity.zeta_0"),
     ("sparsity=dsl train.max_steps=100 sparsity.t_end=101", "sparsity.t_end"),
     ("sparsity=dsl sparsity.scope=everywhere", "sparsity.scope"),
+    ("control.controller=zookeeper", "control.controller"),
+    ("ray.num_workers=0", "ray.num_workers"),
+    ("ray.cpus_per_worker=0", "ray.cpus_per_worker"),
 ])
 def test_validation_names_the_key(override: str, key: str) -> None:
     cfg = load(*override.split())

@@ -158,7 +158,7 @@ def train_sparse(overrides: list[str]) -> dict:
     trainer = build_trainer(load(*overrides))
     metrics = trainer.fit()
     zeros = all(bool((s.shard.weight[~s.mask] == 0).all()) for s in trainer.sparsity.shards)
-    active = sum(trainer.sparsity.active_per_table().values())
+    active = sum(trainer.sparsity.active_per_table()[0].values())
     shutdown_distributed()
     return {"metrics": metrics, "zeros": zeros, "active": active}
 

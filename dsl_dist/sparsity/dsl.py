@@ -2,16 +2,17 @@
 budget.
 
 Every rank holds the masks of its own shards. Initial masks and every drop-and-grow are chosen
-by `select_extreme` over the candidates of all ranks, which exchanges only counts, so the
-choice is exact, deterministic and independent of the world size. Data-parallel tables are
-replicated: rank 0 alone offers their candidates and broadcasts the result.
+by `select_extreme` over the candidates of all ranks, whose rounds of counts go through the
+job's controller (dsl_dist/control), so the choice is exact, deterministic and independent of
+the world size and of the controller's transport. Data-parallel tables are replicated: rank 0
+alone offers their candidates and broadcasts the result.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -19,14 +20,19 @@ from torch import nn
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 
 from dsl_dist.config import ConfigError, SparsityConfig
+from dsl_dist.control.controller import CollectiveController, Controller
 from dsl_dist.distributed import DistContext
 from dsl_dist.model.shards import local_table_shards
 from dsl_dist.sparsity.growth import GrowthRecorder
 from dsl_dist.sparsity.masks import MaskedShard, uniform_hash
 from dsl_dist.sparsity.schedule import UpdateSchedule
-from dsl_dist.sparsity.selection import all_reduce_counts, select_extreme
+from dsl_dist.sparsity.selection import select_extreme
 
 _TIE_SCRAMBLE = 0x9E3779B97F4A7C15 - (1 << 64)  # odd: multiplying by it permutes [0, 2**bits)
+_DIGEST_BITS = 32
+
+ConnectController = Callable[[UpdateSchedule, list[int]], Controller]
+"""Builds this rank's controller from the schedule and the budget of every group."""
 
 
 class MagnitudeGradientScoring:
@@ -53,7 +59,8 @@ class DynamicSparseTraining:
 
     def __init__(self, cfg: SparsityConfig, model: nn.Module, tables: list[BaseEmbeddingConfig],
                  ctx: DistContext, total_steps: int, seed: int,
-                 scoring: Optional[MagnitudeGradientScoring] = None) -> None:
+                 scoring: Optional[MagnitudeGradientScoring] = None,
+                 connect: Optional[ConnectController] = None) -> None:
         sizes = {t.name: t.num_embeddings * t.embedding_dim for t in tables}
         unknown = sorted(set(cfg.tables) - set(sizes))
         if unknown:
@@ -76,8 +83,10 @@ class DynamicSparseTraining:
                                   f"table(s) {list(group.tables)}")
         self.schedule = UpdateSchedule(cfg.delta_t, total_steps, cfg.zeta_0, cfg.zeta_min,
                                        cfg.t_end)
+        connect = connect or (lambda schedule, budgets: CollectiveController(schedule, budgets,
+                                                                             ctx.group))
+        self.controller = connect(self.schedule, [g.budget for g in self.groups])
         self.recorder = GrowthRecorder(self.shards, ctx.world_size)
-        self._reduce = all_reduce_counts(ctx.group)
         self._init_masks()
 
     @property
@@ -100,7 +109,8 @@ class DynamicSparseTraining:
                               [torch.empty(0, dtype=torch.int64, device=device)])
         tie_keys = (positions * _TIE_SCRAMBLE) & ((1 << self.position_bits) - 1)
         chosen = select_extreme(flat_scores, tie_keys, k, largest=largest,
-                                reduce_counts=self._reduce, position_bits=self.position_bits)
+                                reduce_counts=self.controller.reduce_counts,
+                                position_bits=self.position_bits)
         result, start = {}, 0
         for s, c in offered:
             picked = torch.zeros_like(s.mask)
@@ -148,8 +158,7 @@ class DynamicSparseTraining:
     def update(self, step: int) -> dict[str, Any]:
         started = time.perf_counter()
         moved = torch.zeros(3, dtype=torch.int64)  # dropped, grown, regrown (this rank)
-        for group in self.groups:
-            k = self.schedule.num_to_move(step, group.budget)
+        for group, k in zip(self.groups, self.controller.plan(step)):
             dropped = self._select(group, k, largest=False, scores=self.scoring.drop_scores,
                                    candidates=lambda s: s.mask)
             grown = self._select(group, k, largest=True, scores=self.scoring.grow_scores,
@@ -169,13 +178,17 @@ class DynamicSparseTraining:
                 s.apply_()
         for s in self.shards:
             s.growth.zero_()
-        active = self.active_per_table()
-        dropped_total, grown_total, regrown = (int(x) for x in self.ctx.all_reduce_sum(moved))
-        return {"step": step, "budget": self.budget, "active": sum(active.values()),
-                "dropped": dropped_total, "grown": grown_total, "regrown": regrown,
-                "fraction": self.schedule.fraction(step),
-                "density": {t: active[t] / self.table_sizes[t] for t in self.table_sizes},
-                "seconds": time.perf_counter() - started}
+        active, digest = self.active_per_table()
+        dropped_total, grown_total, regrown = (int(x) for x in
+                                               self.controller.reduce_counts(moved))
+        record = {"step": step, "budget": self.budget, "active": sum(active.values()),
+                  "dropped": dropped_total, "grown": grown_total, "regrown": regrown,
+                  "fraction": self.schedule.fraction(step),
+                  "density": {t: active[t] / self.table_sizes[t] for t in self.table_sizes},
+                  "mask_digest": digest, "seconds": time.perf_counter() - started}
+        if self.ctx.is_main:
+            self.controller.record(record)
+        return record
 
     @staticmethod
     def _reset_optimizer_state(shard: MaskedShard, new_mask: torch.Tensor) -> None:
@@ -190,15 +203,19 @@ class DynamicSparseTraining:
             elif state.numel() == changed.shape[0]:
                 state.view(-1)[revived_rows] = 0
 
-    def active_per_table(self) -> dict[str, int]:
-        """Active weights of each sparsified table, summed over the cluster."""
-        local = torch.zeros(len(self.table_sizes), dtype=torch.int64)
+    def active_per_table(self) -> tuple[dict[str, int], str]:
+        """Active weights of each sparsified table, summed over the cluster, and a digest of
+        the whole mask: the sum of a 32-bit hash of every active position, the same for any
+        world size and sharding (equal digests mean, barring collisions, equal masks)."""
         names = list(self.table_sizes)
+        local = torch.zeros(len(names) + 1, dtype=torch.int64)
         for s in self.shards:
             if self._offers(s):
                 local[names.index(s.table)] += int(s.mask.sum())
-        total = self.ctx.all_reduce_sum(local)
-        return {name: int(total[i]) for i, name in enumerate(names)}
+                hashes = (s.positions()[s.mask] * _TIE_SCRAMBLE) >> (64 - _DIGEST_BITS)
+                local[-1] += int((hashes & ((1 << _DIGEST_BITS) - 1)).sum())
+        total = self.controller.reduce_counts(local)
+        return {name: int(total[i]) for i, name in enumerate(names)}, f"{int(total[-1]):x}"
 
     def state_dict(self) -> dict[str, Any]:
         return {f"{s.table}/{s.shard.row_offset}/{s.shard.col_offset}": s.state_dict()

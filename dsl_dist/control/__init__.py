@@ -1,0 +1,54 @@
+"""Picks and connects the job's controller (see controller.py)."""
+
+from __future__ import annotations
+
+import os
+
+from dsl_dist.config import ConfigError, ControlConfig
+from dsl_dist.control.controller import CollectiveController, Controller
+from dsl_dist.distributed import DistContext
+from dsl_dist.sparsity.schedule import UpdateSchedule
+
+RAY_NAMESPACE = "dsl-dist"
+"""Namespace of the controller actors of torchrun jobs (Ray jobs use their own)."""
+
+
+def _ray_address(cfg: ControlConfig) -> str | None:
+    return cfg.ray_address or os.environ.get("RAY_ADDRESS")
+
+
+def controller_kind(cfg: ControlConfig) -> str:
+    """collective or ray: `auto` is ray inside a Ray job or when a Ray address is given."""
+    if cfg.controller != "auto":
+        return cfg.controller
+    if _ray_address(cfg):
+        return "ray"
+    import ray  # only now: importing ray costs a second
+
+    return "ray" if ray.is_initialized() else "collective"
+
+
+def connect_controller(cfg: ControlConfig, ctx: DistContext, schedule: UpdateSchedule,
+                       budgets: list[int]) -> Controller:
+    """This rank's controller. Collective: call on every rank. Ray: rank 0 creates (or finds)
+    the named actor, the other ranks find it after a barrier."""
+    if controller_kind(cfg) == "collective":
+        return CollectiveController(schedule, budgets, ctx.group)
+    import ray
+
+    from dsl_dist.control.ray_controller import RayController, controller_actor
+
+    if not ray.is_initialized():
+        address = _ray_address(cfg)
+        if not address:
+            raise ConfigError("control.controller=ray: no Ray cluster to connect to; set "
+                              "control.ray_address or RAY_ADDRESS")
+        ray.init(address=address, namespace=RAY_NAMESPACE, log_to_driver=False)
+    namespace = ray.get_runtime_context().namespace
+    name = cfg.actor_name or ctx.broadcast_object(f"dsl-controller-{os.urandom(6).hex()}")
+    if ctx.is_main:
+        actor = controller_actor(name, namespace)
+    ctx.barrier()
+    if not ctx.is_main:
+        actor = ray.get_actor(name, namespace=namespace)
+    return RayController(actor, schedule, budgets, ctx.world_size)

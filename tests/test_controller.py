@@ -1,0 +1,40 @@
+"""The controller's own state: plans from the schedule, a history that refuses a broken
+budget, and a state that only loads into a run with the same schedule and budgets."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsl_dist.control.controller import SparsityController
+from dsl_dist.sparsity.schedule import UpdateSchedule
+
+SCHEDULE = UpdateSchedule(delta_t=10, total_steps=100)
+
+
+def test_plan_moves_the_cosine_fraction_of_each_group() -> None:
+    controller = SparsityController(SCHEDULE, [1000, 30])
+    assert controller.plan(10) == [SCHEDULE.num_to_move(10, 1000), SCHEDULE.num_to_move(10, 30)]
+    assert controller.plan(10)[0] > controller.plan(90)[0] > 0
+    with pytest.raises(ValueError, match="not an update step"):
+        controller.plan(11)
+
+
+def test_history_refuses_an_update_that_breaks_the_budget() -> None:
+    controller = SparsityController(SCHEDULE, [1000, 30])
+    controller.record({"step": 10, "active": 1030})
+    with pytest.raises(RuntimeError, match="1029 active weights, budget 1030"):
+        controller.record({"step": 20, "active": 1029})
+    assert [u["step"] for u in controller.history] == [10]
+
+
+def test_state_round_trips_and_refuses_another_run() -> None:
+    controller = SparsityController(SCHEDULE, [1000])
+    controller.record({"step": 10, "active": 1000})
+    restored = SparsityController(SCHEDULE, [1000])
+    restored.load_state_dict(controller.state_dict())
+    assert restored.history == controller.history
+    other = SparsityController(UpdateSchedule(delta_t=20, total_steps=100), [1000])
+    with pytest.raises(ValueError, match="schedule"):
+        other.load_state_dict(controller.state_dict())
+    with pytest.raises(ValueError, match="budgets"):
+        SparsityController(SCHEDULE, [999]).load_state_dict(controller.state_dict())
