@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import resource
-import sys
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
-import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torchrec import KeyedJaggedTensor
 
-from dsl_dist.config import ConfigError, JobConfig, register_configs
-from dsl_dist.data.errors import DataError
+from dsl_dist.cli import hydra_entry
+from dsl_dist.config import JobConfig
+from dsl_dist.control import connect_controller
 from dsl_dist.data.manifest import Manifest
 from dsl_dist.data.prepare import ensure_prepared
 from dsl_dist.data.stream import InteractionStream
@@ -23,7 +22,7 @@ from dsl_dist.evaluation import evaluate
 from dsl_dist.model.mf import MatrixFactorization, bpr_loss
 from dsl_dist.model.sharding import dense_optimizer, embedding_tables, shard_model
 from dsl_dist.model.shards import init_normal_, local_table_shards
-from dsl_dist.run_log import RunDirError, RunLog, default_run_dir
+from dsl_dist.run_log import RunLog, default_run_dir
 from dsl_dist.sparsity.dsl import DynamicSparseTraining
 
 
@@ -50,9 +49,11 @@ class Trainer:
         self.step = 0
         epoch_steps = cfg.train.epochs * self.stream.steps_per_epoch
         self.total_steps = min(epoch_steps, cfg.train.max_steps or epoch_steps)
-        self.sparsity = (DynamicSparseTraining(cfg.sparsity, self.model, tables, ctx,
-                                               self.total_steps, cfg.train.seed)
-                         if cfg.sparsity.name == "dsl" else None)
+        self.sparsity = (DynamicSparseTraining(
+            cfg.sparsity, self.model, tables, ctx, self.total_steps, cfg.train.seed,
+            connect=lambda schedule, budgets: connect_controller(cfg.control, ctx, schedule,
+                                                                 budgets))
+            if cfg.sparsity.name == "dsl" else None)
 
     def train_step(self, batch: KeyedJaggedTensor) -> torch.Tensor:
         """Forward, backward (which also updates the fused embedding tables), dense update,
@@ -106,15 +107,21 @@ class Trainer:
                        " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics
 
-    def fit(self) -> dict[str, float]:
+    def fit(self, report: Optional[Callable[[dict[str, float]], None]] = None
+            ) -> dict[str, float]:
+        """Trains to the end, evaluating every `eval.every_epochs` epochs and at the end;
+        `report` (e.g. Ray Train's) receives every evaluation's metrics, on every rank."""
         epoch = 0
+        metrics: dict[str, float] = {}
         while self.step < self.total_steps:
             self.train_epoch(epoch)
             epoch += 1
             every = self.cfg.eval.every_epochs
-            if every and epoch % every == 0 and self.step < self.total_steps:
-                self.evaluate(epoch)
-        return self.evaluate(epoch)
+            if self.step >= self.total_steps or (every and epoch % every == 0):
+                metrics = self.evaluate(epoch)
+                if report:
+                    report({"epoch": epoch, "step": self.step, **metrics})
+        return metrics
 
 
 def build_trainer(cfg: JobConfig) -> Trainer:
@@ -140,25 +147,7 @@ def run(cfg: JobConfig) -> dict[str, float]:
         shutdown_distributed()
 
 
-@hydra.main(config_path="../configs", config_name="config", version_base=None)
-def _hydra_main(dict_cfg: DictConfig) -> None:
-    cfg: JobConfig = OmegaConf.to_object(dict_cfg)  # type: ignore[assignment]
-    try:
-        run(cfg)
-    except (ConfigError, DataError, RunDirError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main() -> None:
-    register_configs()
-    _hydra_main()
-    # Everything is written: leave without interpreter teardown, where native threads left by
-    # the distributed libraries occasionally abort the process ("terminate called without an
-    # active exception") and would turn a finished run into a failed one.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+main = hydra_entry(run)
 
 
 if __name__ == "__main__":

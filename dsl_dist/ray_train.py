@@ -1,0 +1,97 @@
+"""Ray entry point: `ray job submit --working-dir . -- python -m dsl_dist.ray_train <overrides>`.
+
+The driver runs the training loop of `dsl_dist.train` in a Ray Train `TorchTrainer` with
+`ray.num_workers` workers (gloo on CPU; NCCL, one GPU each, with `ray.use_gpu=true`). It
+creates the sparsity controller as a named actor itself, so the controller outlives any worker,
+and every evaluation is reported through Ray Train. On a cluster of several nodes, give
+`data.source`, `data.path`, `run_dir` and `ray.storage_path` on storage every node sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from dsl_dist.cli import hydra_entry
+from dsl_dist.config import JobConfig
+from dsl_dist.control import controller_kind
+from dsl_dist.control.ray_controller import controller_actor
+from dsl_dist.run_log import default_run_dir
+from dsl_dist.train import build_trainer
+
+
+def _report(metrics: dict[str, float]) -> None:
+    """Reports an evaluation to Ray Train from every worker. Ray Train keeps only metrics that
+    come with a checkpoint, so rank 0 attaches them as one (metrics.json) under
+    `ray.storage_path`."""
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        (Path(directory) / "metrics.json").write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: a rank of the same trainer torchrun runs (Ray Train has already
+    formed the process group and owns its teardown)."""
+    build_trainer(config["job"]).fit(report=_report)
+
+
+def _local_path(path: str) -> str:
+    """Absolute, so workers whose working directory differs resolve it alike; URIs as given."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def run_on_ray(cfg: JobConfig) -> dict[str, Any]:
+    """Trains on the Ray cluster of RAY_ADDRESS (`control.ray_address`, else a local one);
+    returns the final metrics."""
+    cfg.validate()
+    if not ray.is_initialized():
+        # inside `ray job submit` RAY_ADDRESS names the cluster; without one, a private
+        # single-machine instance
+        address = cfg.control.ray_address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(include_dashboard=False)
+    run_dir = Path(_local_path(cfg.run_dir or str(default_run_dir(
+        cfg.data.name, cfg.model.name, cfg.sparsity.name))))
+    data = dataclasses.replace(cfg.data, source=_local_path(cfg.data.source),
+                               path=_local_path(cfg.data.path))
+    control = cfg.control
+    if cfg.sparsity.name == "dsl" and controller_kind(control) == "ray":
+        name = control.actor_name or f"dsl-controller-{run_dir.name}"
+        controller_actor(name, ray.get_runtime_context().namespace)
+        control = dataclasses.replace(control, controller="ray", actor_name=name)
+    backend = "nccl" if cfg.ray.use_gpu else "gloo"
+    job = dataclasses.replace(cfg, data=data, control=control, run_dir=str(run_dir),
+                              backend=backend)
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        torch_config=TorchConfig(backend=backend),
+        run_config=RunConfig(name=run_dir.name, storage_path=_local_path(cfg.ray.storage_path),
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
+    )
+    result = trainer.fit()
+    print(f"final metrics: {result.metrics}", flush=True)
+    return result.metrics
+
+
+main = hydra_entry(run_on_ray)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""The same small DSL run on lastfm through every launch path gives the same masks and metrics.
+
+Paths: torchrun with the collective controller (the reference), torchrun with the controller as
+a Ray actor, `ray job submit` of the Ray Train launcher on a simulated 2-node Ray cluster (two
+raylets on this machine with one CPU each, so the two workers land on different nodes), and
+`torchrun --nnodes 2` with two launchers rendezvousing over 127.0.0.1. "Same masks" is checked
+through the mask digest every update line carries (a hash sum of the active positions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from conftest import REPO, SHARED_DATA
+
+BIN = Path(sys.executable).parent
+RUN_OVERRIDES = ["sparsity=dsl", "sparsity.density=0.2", "sparsity.delta_t=20",
+                 "train.epochs=2", "model.sharding_type=row_wise"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
+               **extra)
+    return env
+
+
+def record(run_dir: Path) -> dict[str, list[dict]]:
+    """What must not depend on the launch path: every update (mask digest included) and
+    evaluation, and the epochs' losses, without timings."""
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    timing = {"seconds", "samples_per_s", "peak_rss_mb"}
+    kept = [{k: v for k, v in e.items() if k not in timing} for e in events]
+    return {kind: [e for e in kept if e["event"] == kind] for kind in ("update", "eval", "epoch")}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("launch") / "lastfm"
+
+
+def job_overrides(prepared: Path, run_dir: Path) -> list[str]:
+    return [f"data.source={SHARED_DATA / 'lastfm'}", f"data.path={prepared}", *RUN_OVERRIDES,
+            f"run_dir={run_dir}"]
+
+
+def torchrun(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def reference(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    torchrun("--standalone", "--nproc_per_node", "2", "-m", "dsl_dist.train",
+             *job_overrides(prepared, run_dir), "control.controller=collective",
+             env=environment())
+    result = record(run_dir)
+    assert len(result["update"]) >= 2 and result["eval"]
+    assert all(u["active"] == u["budget"] for u in result["update"])
+    assert len({u["mask_digest"] for u in result["update"]}) == len(result["update"])
+    return result
+
+
+class RayCluster:
+    """A head and a second node, each a raylet with one CPU, on loopback: the dashboard and
+    job API on 127.0.0.1. Each `ray start --block` leads its own process group, which
+    teardown kills whole (so no other Ray instance on the machine is touched)."""
+
+    def __init__(self) -> None:
+        self.temp_dir = tempfile.mkdtemp(prefix="dslray", dir="/tmp")  # short: socket paths
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+                  "--temp-dir", self.temp_dir, "--disable-usage-stats"]
+        self.processes = [self._start("--head", "--port", str(self.port),
+                                      "--dashboard-host", "127.0.0.1",
+                                      "--dashboard-port", str(self.dashboard_port), *common)]
+        self._wait_for(lambda: urllib.request.urlopen(f"{self.dashboard}/api/version",
+                                                      timeout=2))
+        self.processes.append(self._start("--address", self.address, *common))
+        self._wait_for(lambda: self.nodes() == 2 or None)
+
+    def _start(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([str(BIN / "ray"), "start", *args], env=environment(),
+                                start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+    @staticmethod
+    def _wait_for(ready, seconds: float = 90) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                if ready():
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("Ray cluster did not come up")
+            time.sleep(1)
+
+    def nodes(self) -> int:
+        status = subprocess.run([str(BIN / "ray"), "status", "--address", self.address],
+                                env=environment(), capture_output=True, text=True, timeout=60)
+        return status.stdout.split("Pending:")[0].count(" node_")
+
+    def stop(self) -> None:
+        for process in self.processes:
+            os.killpg(process.pid, signal.SIGTERM)
+        time.sleep(3)
+        for process in self.processes:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait(30)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[RayCluster]:
+    cluster = RayCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.multiprocess
+def test_ray_job_submit_on_two_nodes_matches_torchrun(ray_cluster: RayCluster, prepared: Path,
+                                                      reference: dict, tmp_path: Path) -> None:
+    assert ray_cluster.nodes() == 2
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--",
+         "python", "-m", "dsl_dist.ray_train", *job_overrides(prepared, run_dir),
+         "ray.num_workers=2", "ray.cpus_per_worker=1", f"ray.storage_path={tmp_path / 'ray'}"],
+        cwd=REPO, env=environment(RAY_ADDRESS=ray_cluster.dashboard), capture_output=True,
+        text=True, timeout=400)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "succeeded" in done.stdout + done.stderr
+    assert "final metrics: {" in done.stdout, done.stdout[-2000:]
+    assert record(run_dir) == reference
+    reported = list((tmp_path / "ray").rglob("metrics.json"))
+    assert reported and json.loads(reported[-1].read_text())["recall@20"] == \
+        reference["eval"][-1]["recall@20"]
+
+
+@pytest.mark.multiprocess
+def test_torchrun_with_the_ray_actor_controller_matches(ray_cluster: RayCluster,
+                                                        prepared: Path, reference: dict,
+                                                        tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    torchrun("--standalone", "--nproc_per_node", "2", "-m", "dsl_dist.train",
+             *job_overrides(prepared, run_dir), "control.controller=ray",
+             f"control.ray_address={ray_cluster.address}", env=environment())
+    assert record(run_dir) == reference
+
+
+@pytest.mark.multiprocess
+def test_torchrun_across_two_nodes_matches(prepared: Path, reference: dict,
+                                           tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+               "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "dsl-launch-test",
+               "--local-addr", "127.0.0.1", "-m", "dsl_dist.train",
+               *job_overrides(prepared, run_dir)]
+    nodes = [subprocess.Popen(command, cwd=REPO, env=environment(OMP_NUM_THREADS="1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    assert record(run_dir) == reference
