@@ -6,7 +6,8 @@ ARGS ?=
 
 .PHONY: install train test benchmark benchmark-dsl
 
-$(VENV)/.installed: pyproject.toml requirements-cpu.txt requirements-cpu-nodeps.txt
+$(VENV)/.installed: pyproject.toml requirements-common.txt requirements-cpu.txt \
+		requirements-cpu-nodeps.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-cpu.txt

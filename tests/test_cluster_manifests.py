@@ -1,0 +1,117 @@
+"""The Kubernetes manifests parse, launch real modules with overrides that compose into a valid
+config, and run non-root with resource limits and a pinned image of this project's version.
+
+(No CRD schema validation: the KubeRay and Kubeflow schemas cannot be fetched here.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from conftest import REPO
+from test_config import load
+
+CLUSTER = REPO / "cluster"
+VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
+def manifest(name: str) -> dict[str, Any]:
+    (document,) = yaml.safe_load_all((CLUSTER / name).read_text())
+    return document
+
+
+def pod_specs(node: Any) -> Iterator[dict[str, Any]]:
+    """Every pod spec (a mapping with `containers`) anywhere in a manifest."""
+    if isinstance(node, dict):
+        if "containers" in node:
+            yield node
+        for value in node.values():
+            yield from pod_specs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from pod_specs(value)
+
+
+def check_launch(command: list[str], module: str) -> None:
+    """`command` runs `module` and its Hydra overrides compose into a valid job config."""
+    start = command.index("-m") + 1
+    assert command[start] == module and importlib.util.find_spec(module) is not None
+    cfg = load(*command[start + 1:])
+    cfg.validate()
+    for path in (cfg.data.source, cfg.data.path, cfg.run_dir):
+        assert path and path.startswith("/shared/"), f"{path} is not on the shared volume"
+
+
+@pytest.mark.parametrize("name", ["rayjob.yaml", "pytorchjob.yaml"])
+def test_pods_are_pinned_non_root_and_limited(name: str) -> None:
+    pods = list(pod_specs(manifest(name)))
+    assert pods
+    for pod in pods:
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] != 0
+        for container in pod["containers"]:
+            image = container["image"]
+            assert image.endswith(f":{VERSION}-cuda"), image
+            limits, requests = container["resources"]["limits"], container["resources"]["requests"]
+            assert {"cpu", "memory"} <= limits.keys() and limits == requests, container["name"]
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+            assert not mounts or mounts == {"/shared"}
+
+
+def test_rayjob_runs_the_ray_launcher_on_its_gpu_workers() -> None:
+    job = manifest("rayjob.yaml")
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    command = shlex.split(job["spec"]["entrypoint"])
+    check_launch(command, "dsl_dist.ray_train")
+    cfg = load(*command[command.index("-m") + 2:])
+    cluster = job["spec"]["rayClusterSpec"]
+    pins = (REPO / "requirements-common.txt").read_text()
+    assert f"ray[train,default]=={cluster['rayVersion']}" in pins
+    (workers,) = cluster["workerGroupSpecs"]
+    container = workers["template"]["spec"]["containers"][0]
+    gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
+    assert cfg.ray.use_gpu and cfg.ray.num_workers == workers["replicas"] * gpus
+    assert cfg.ray.cpus_per_worker <= float(container["resources"]["limits"]["cpu"])
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
+def test_pytorchjob_runs_torchrun_on_master_and_workers() -> None:
+    job = manifest("pytorchjob.yaml")
+    assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] >= 1
+    for role in replicas.values():
+        (container,) = role["template"]["spec"]["containers"]
+        assert container["name"] == "pytorch"
+        assert container["command"][0] == "torchrun"
+        check_launch(container["command"], "dsl_dist.train")
+        gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
+        assert int(job["spec"]["nprocPerNode"]) == gpus
+
+
+def test_shared_storage_and_network_policy_cover_the_pods() -> None:
+    claim = manifest("shared-storage.yaml")
+    claims = {v["persistentVolumeClaim"]["claimName"]
+              for name in ("rayjob.yaml", "pytorchjob.yaml")
+              for pod in pod_specs(manifest(name)) for v in pod.get("volumes", [])}
+    assert claims == {claim["metadata"]["name"]}
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]
+    policy = manifest("networkpolicy.yaml")
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": selector}}]}]
+    job = manifest("rayjob.yaml")
+    templates = [job["spec"]["submitterPodTemplate"],
+                 job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"],
+                 *[g["template"] for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]],
+                 *[r["template"] for r in
+                   manifest("pytorchjob.yaml")["spec"]["pytorchReplicaSpecs"].values()]]
+    for template in templates:
+        assert selector.items() <= template["metadata"]["labels"].items()
