@@ -176,6 +176,28 @@ class SparsityConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Sharded checkpoints (see dsl_dist/checkpoint.py) and resuming from them."""
+
+    every: int = 0
+    """Save every this many training steps (0: only at the end of training)."""
+    keep: int = 2
+    """Complete checkpoints kept; older ones are deleted."""
+    dir: Optional[str] = None
+    """Where checkpoints go; null: <run_dir>/checkpoints."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint of an unfinished run in run_dir (a
+    restarted job picks up where it stopped); never: refuse a run_dir that holds a run; or the
+    path of a checkpoint directory to start from."""
+
+    def validate(self) -> None:
+        _require(self.every >= 0, "checkpoint.every", "must be >= 0", self.every)
+        _require(self.keep >= 1, "checkpoint.keep", "must be >= 1", self.keep)
+        _require(bool(self.resume), "checkpoint.resume", "must be auto, never or a path",
+                 self.resume)
+
+
+@dataclass
 class ControlConfig:
     """Where the drop-and-grow controller lives (see dsl_dist/control)."""
 
@@ -222,6 +244,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     run_dir: Optional[str] = None
@@ -230,7 +253,8 @@ class JobConfig:
     """torch.distributed backend: auto (nccl with CUDA, else gloo), gloo or nccl."""
 
     def validate(self) -> None:
-        for section in (self.data, self.model, self.train, self.eval, self.control, self.ray):
+        for section in (self.data, self.model, self.train, self.eval, self.checkpoint,
+                        self.control, self.ray):
             section.validate()
         self.sparsity.validate(self.train.max_steps)
         _require(self.backend in ("auto", "gloo", "nccl"), "backend", "must be auto, gloo or nccl",

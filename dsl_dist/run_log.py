@@ -25,13 +25,28 @@ class RunLog:
         self.enabled = enabled
 
     def claim(self) -> None:
-        """Creates the run directory, refusing one that already holds a run."""
+        """Creates the run directory and an empty metrics.jsonl, refusing a directory that
+        already holds a run."""
         if not self.enabled:
             return
         if self.path.exists():
             raise RunDirError(f"run_dir={str(self.run_dir)!r} already holds a run "
                               f"({self.path.name}); choose another run_dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path.touch()  # the run exists from now on: a restart resumes it
+
+    def lines(self) -> int:
+        """Events written so far (0 on ranks other than 0)."""
+        if not self.enabled or not self.path.exists():
+            return 0
+        with self.path.open() as f:
+            return sum(1 for _ in f)
+
+    def truncate(self, lines: int) -> None:
+        """Keeps the first `lines` events: a resumed run writes the later ones again."""
+        if self.enabled and self.path.exists():
+            kept = self.path.read_text().splitlines(keepends=True)[:lines]
+            self.path.write_text("".join(kept))
 
     def write(self, event: str, **fields: Any) -> None:
         if self.enabled:

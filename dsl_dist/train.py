@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import resource
+import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from omegaconf import OmegaConf
 from torchrec import KeyedJaggedTensor
 
+from dsl_dist.checkpoint import (CheckpointError, CheckpointStore, check_compatible,
+                                 complete_checkpoints, fingerprint)
 from dsl_dist.cli import hydra_entry
 from dsl_dist.config import JobConfig
 from dsl_dist.control import connect_controller
@@ -22,15 +25,16 @@ from dsl_dist.evaluation import evaluate
 from dsl_dist.model.mf import MatrixFactorization, bpr_loss
 from dsl_dist.model.sharding import dense_optimizer, embedding_tables, shard_model
 from dsl_dist.model.shards import init_normal_, local_table_shards
-from dsl_dist.run_log import RunLog, default_run_dir
+from dsl_dist.run_log import RunDirError, RunLog, default_run_dir
 from dsl_dist.sparsity.dsl import DynamicSparseTraining
 
 
 class Trainer:
     """Owns the sharded model, its optimizers and the data stream of one rank."""
 
-    def __init__(self, cfg: JobConfig, ctx: DistContext, log: RunLog) -> None:
-        self.cfg, self.ctx, self.log = cfg, ctx, log
+    def __init__(self, cfg: JobConfig, ctx: DistContext, log: RunLog,
+                 checkpoints: CheckpointStore) -> None:
+        self.cfg, self.ctx, self.log, self.checkpoints = cfg, ctx, log, checkpoints
         self.dataset_dir = Path(cfg.data.path)
         self.manifest: Manifest = ctx.main_then_broadcast(lambda: ensure_prepared(
             Path(cfg.data.source), self.dataset_dir, name=cfg.data.name,
@@ -47,6 +51,7 @@ class Trainer:
         init_normal_(local_table_shards(self.model), cfg.model.init_std, cfg.train.seed)
         self.dense_optimizer = dense_optimizer(self.model, cfg.train)
         self.step = 0
+        self.epoch_loss, self.epoch_steps = 0.0, 0  # running sums of the current epoch
         epoch_steps = cfg.train.epochs * self.stream.steps_per_epoch
         self.total_steps = min(epoch_steps, cfg.train.max_steps or epoch_steps)
         self.sparsity = (DynamicSparseTraining(
@@ -75,19 +80,27 @@ class Trainer:
                 self.log.write("update", **update)
         return loss.detach()
 
-    def train_epoch(self, epoch: int) -> None:
-        self.stream.set_epoch(epoch)
-        started, steps, loss_sum = time.perf_counter(), 0, torch.zeros((), dtype=torch.float64)
+    def train_epoch(self) -> None:
+        """Trains the rest of the stream's current epoch (all of it unless resumed), saving
+        a checkpoint every `checkpoint.every` steps."""
+        epoch, every = self.stream.epoch, self.cfg.checkpoint.every
+        started, steps = time.perf_counter(), 0
         for batch in self.stream:
-            loss = self.train_step(batch)
-            loss_sum += loss.item()
+            loss = self.train_step(batch).item()
+            self.epoch_loss += loss
+            self.epoch_steps += 1
             steps += 1
             if self.cfg.train.log_every and self.step % self.cfg.train.log_every == 0:
-                self.log.print(f"step {self.step} loss {loss.item():.4f}")
+                self.log.print(f"step {self.step} loss {loss:.4f}")
             if self.step >= self.total_steps:
                 break
+            if every and self.step % every == 0:
+                self.save_checkpoint()
         seconds = time.perf_counter() - started
-        mean_loss = float(self.ctx.all_reduce_sum(loss_sum / max(steps, 1))) / self.ctx.world_size
+        mean_loss = float(self.ctx.all_reduce_sum(torch.tensor(
+            self.epoch_loss / max(self.epoch_steps, 1), dtype=torch.float64))) / self.ctx.world_size
+        self.epoch_loss, self.epoch_steps = 0.0, 0
+        self.stream.set_epoch(epoch + 1)
         samples = steps * self.cfg.data.batch_size * self.ctx.world_size
         peak_rss_mb = self.ctx.all_gather_object(
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -109,19 +122,81 @@ class Trainer:
 
     def fit(self, report: Optional[Callable[[dict[str, float]], None]] = None
             ) -> dict[str, float]:
-        """Trains to the end, evaluating every `eval.every_epochs` epochs and at the end;
-        `report` (e.g. Ray Train's) receives every evaluation's metrics, on every rank."""
-        epoch = 0
+        """Trains to the end (from where a resumed checkpoint left off), evaluating every
+        `eval.every_epochs` epochs and at the end, then saves the final checkpoint. `report`
+        (e.g. Ray Train's) receives every evaluation's metrics, on every rank."""
         metrics: dict[str, float] = {}
         while self.step < self.total_steps:
-            self.train_epoch(epoch)
-            epoch += 1
-            every = self.cfg.eval.every_epochs
+            self.train_epoch()
+            epoch, every = self.stream.epoch, self.cfg.eval.every_epochs
             if self.step >= self.total_steps or (every and epoch % every == 0):
                 metrics = self.evaluate(epoch)
                 if report:
                     report({"epoch": epoch, "step": self.step, **metrics})
+        metrics = metrics or self.evaluate(self.stream.epoch)
+        self.save_checkpoint(finished=True)
         return metrics
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What DCP saves and loads in place: each rank's shards of the tables, their fused
+        optimizer state, the dense optimizer and the sparsity state."""
+        state: dict[str, Any] = {"model": self.model.state_dict(),
+                                 "optimizer": self.model.fused_optimizer.state_dict()}
+        if self.dense_optimizer is not None:
+            state["dense_optimizer"] = self.dense_optimizer.state_dict()
+        if self.sparsity:
+            state["sparsity"] = self.sparsity.state_dict()
+        return state
+
+    def save_checkpoint(self, finished: bool = False) -> Path:
+        controller = self.sparsity.controller.state_dict() if self.sparsity else None
+        meta = {"step": self.step, "finished": finished, "world_size": self.ctx.world_size,
+                "stream": self.stream.state_dict(), "epoch_steps": self.epoch_steps,
+                "epoch_loss": self.ctx.all_gather_object(self.epoch_loss),  # per rank
+                "controller": controller,
+                "log_lines": self.log.lines(), "config": fingerprint(self.cfg)}
+        path = self.checkpoints.save(self.step, self.checkpoint_state(), meta)
+        self.log.print(f"checkpoint {path}")
+        return path
+
+    def resume(self, candidates: list[Path], in_place: bool) -> None:
+        """Continues from the first loadable checkpoint of `candidates` (newest first); a
+        corrupt or partial one is reported and the next tried. In place (a restarted run):
+        metrics.jsonl is cut back to what it held at the checkpoint, so that the lines the
+        resumed run writes again are not doubled."""
+        for index, path in enumerate(candidates):
+            try:
+                meta = self.checkpoints.verify(path)
+            except CheckpointError as exc:
+                if index + 1 == len(candidates):
+                    raise
+                self.log.print(f"warning: {exc}; trying {candidates[index + 1]}",
+                               file=sys.stderr)
+                continue
+            check_compatible(path, meta["config"], self.cfg)
+            state = self.checkpoint_state()
+            self.checkpoints.load(path, state)
+            break
+        self.model.load_state_dict(state["model"])
+        self.model.fused_optimizer.load_state_dict(state["optimizer"])
+        if self.dense_optimizer is not None:
+            self.dense_optimizer.load_state_dict(state["dense_optimizer"])
+        if self.sparsity:
+            self.sparsity.after_load()
+            self.sparsity.controller.load_state_dict(meta["controller"])
+        self.step = meta["step"]
+        stream = meta["stream"]
+        if meta["world_size"] == self.ctx.world_size:
+            self.stream.load_state_dict(stream)
+            self.epoch_loss = meta["epoch_loss"][self.ctx.rank]
+            self.epoch_steps = meta["epoch_steps"]
+        else:  # batches depend on the world size: go on from the next epoch's start
+            self.stream.load_state_dict({"epoch": stream["epoch"] + bool(stream["batches_done"]),
+                                         "batches_done": 0})
+        if in_place:
+            self.log.truncate(meta["log_lines"])
+        self.log.print(f"resumed from {path} at step {self.step} "
+                       f"(saved by {meta['world_size']} rank(s))")
 
 
 def build_trainer(cfg: JobConfig) -> Trainer:
@@ -132,11 +207,36 @@ def build_trainer(cfg: JobConfig) -> Trainer:
     run_dir = ctx.broadcast_object(Path(cfg.run_dir) if cfg.run_dir else default_run_dir(
         cfg.data.name, cfg.model.name, cfg.sparsity.name))
     log = RunLog(run_dir, enabled=ctx.is_main)
-    ctx.main_then_broadcast(log.claim)
+    store = CheckpointStore(Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else
+                            run_dir / "checkpoints", cfg.checkpoint.keep, ctx)
+    candidates = ctx.main_then_broadcast(lambda: _resume_candidates(cfg, store, log))
+    in_place = cfg.checkpoint.resume == "auto" and bool(candidates)
+    if not in_place:
+        ctx.main_then_broadcast(log.claim)
+        if ctx.is_main:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     log.print(f"run_dir {run_dir}, {ctx.world_size} rank(s), backend {ctx.backend}")
-    if ctx.is_main:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    return Trainer(cfg, ctx, log)
+    trainer = Trainer(cfg, ctx, log, store)
+    if candidates:
+        trainer.resume(candidates, in_place)
+    return trainer
+
+
+def _resume_candidates(cfg: JobConfig, store: CheckpointStore, log: RunLog) -> list[Path]:
+    """The checkpoints to try, newest first: the one `checkpoint.resume` names, or with
+    `auto` those of an unfinished run in run_dir (none for a new run)."""
+    resume = cfg.checkpoint.resume
+    if resume == "never":
+        return []
+    if resume != "auto":
+        if not Path(resume).is_dir():
+            raise RunDirError(f"checkpoint.resume={resume!r}: no such checkpoint directory")
+        return [Path(resume)]
+    found = complete_checkpoints(store.directory) if log.path.exists() else []
+    if found and store.finished(found[0]):
+        raise RunDirError(f"run_dir={str(log.run_dir)!r} already holds a run, finished "
+                          f"({found[0].name}); choose another run_dir")
+    return found
 
 
 def run(cfg: JobConfig) -> dict[str, float]:

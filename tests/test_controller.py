@@ -27,14 +27,14 @@ def test_history_refuses_an_update_that_breaks_the_budget() -> None:
     assert [u["step"] for u in controller.history] == [10]
 
 
-def test_state_round_trips_and_refuses_another_run() -> None:
+def test_state_round_trips_and_refuses_another_budget() -> None:
     controller = SparsityController(SCHEDULE, [1000])
     controller.record({"step": 10, "active": 1000})
     restored = SparsityController(SCHEDULE, [1000])
     restored.load_state_dict(controller.state_dict())
     assert restored.history == controller.history
-    other = SparsityController(UpdateSchedule(delta_t=20, total_steps=100), [1000])
-    with pytest.raises(ValueError, match="schedule"):
-        other.load_state_dict(controller.state_dict())
+    longer = SparsityController(UpdateSchedule(delta_t=10, total_steps=200), [1000])
+    longer.load_state_dict(controller.state_dict())  # the same run on another world size
+    assert longer.history == controller.history and longer.schedule.total_steps == 200
     with pytest.raises(ValueError, match="budgets"):
         SparsityController(SCHEDULE, [999]).load_state_dict(controller.state_dict())

@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed._shard.sharding_spec import ShardMetadata
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 
 from dsl_dist.config import ConfigError, SparsityConfig
@@ -71,6 +73,8 @@ class DynamicSparseTraining:
                                          for i in range(len(sizes))]))
         self.cfg, self.ctx, self.seed = cfg, ctx, seed
         self.table_sizes = {n: sizes[n] for n in names}
+        self.table_shapes = {t.name: (t.num_embeddings, t.embedding_dim) for t in tables
+                             if t.name in names}
         self.position_bits = max(1, sum(sizes.values()).bit_length())
         self.scoring = scoring or MagnitudeGradientScoring()
         self.shards = [MaskedShard(s, bases[s.table]) for s in local_table_shards(model)
@@ -218,10 +222,26 @@ class DynamicSparseTraining:
         return {name: int(total[i]) for i, name in enumerate(names)}, f"{int(total[-1]):x}"
 
     def state_dict(self) -> dict[str, Any]:
-        return {f"{s.table}/{s.shard.row_offset}/{s.shard.col_offset}": s.state_dict()
-                for s in self.shards}
+        """Masks, drop history and growth statistics: one tensor per table and kind, sharded
+        like the table (a ShardedTensor of this rank's shards at their global offsets; the
+        full tensor for replicated tables), so that DCP saves each rank's part and reshards on
+        load. Its tensors are the live state: loading into them restores it in place."""
+        state: dict[str, Any] = {}
+        for table, shape in self.table_shapes.items():
+            shards = [s for s in self.shards if s.table == table]
+            for kind in MaskedShard.STATE:
+                if shards and shards[0].shard.replicated:
+                    state[f"{table}.{kind}"] = getattr(shards[0], kind)
+                    continue
+                local = [Shard(getattr(s, kind), ShardMetadata(
+                    [s.shard.row_offset, s.shard.col_offset], [s.shard.num_rows, s.shard.num_cols],
+                    f"rank:{self.ctx.rank}/{self.ctx.device}")) for s in shards]
+                state[f"{table}.{kind}"] = ShardedTensor._init_from_local_shards(
+                    local, list(shape), process_group=self.ctx.group)
+        return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    @torch.no_grad()
+    def after_load(self) -> None:
+        """Re-zeroes pruned weights after the tensors of `state_dict()` were loaded."""
         for s in self.shards:
-            s.load_state_dict(state[f"{s.table}/{s.shard.row_offset}/{s.shard.col_offset}"])
             s.apply_()

@@ -8,6 +8,7 @@ whatever the sharding type and world size.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -42,6 +43,9 @@ class MaskedShard:
     growth: torch.Tensor = field(init=False)
     """float32: the growth statistic (|gradient|, see GrowthRecorder)."""
 
+    STATE: ClassVar[tuple[str, ...]] = ("mask", "ever_dropped", "growth")
+    """The fields a checkpoint keeps."""
+
     def __post_init__(self) -> None:
         shape, device = self.shard.weight.shape, self.shard.weight.device
         self.mask = torch.zeros(shape, dtype=torch.bool, device=device)
@@ -72,10 +76,3 @@ class MaskedShard:
             block = weight.index_select(0, rows)
             block.masked_fill_(self.mask.index_select(0, rows).logical_not_(), 0.0)
             weight.index_copy_(0, rows, block)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"mask": self.mask, "ever_dropped": self.ever_dropped, "growth": self.growth}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name, value in state.items():
-            getattr(self, name).copy_(value)
