@@ -84,12 +84,30 @@ def init_distributed(backend: str = "auto") -> DistContext:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, store=_restarted_attempt_store(),
+                                    rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]))
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     group = dist.group.WORLD
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device,
                        backend=backend, group=group)
+
+
+def _restarted_attempt_store() -> Optional[dist.Store]:
+    """After torchrun restarted its workers (`--max-restarts`), a store for this attempt only.
+
+    The restarted workers meet in the launcher's store, which still holds the keys of the
+    attempt before, so the new group would try to connect to the dead workers' addresses
+    (pytorch/pytorch#167288). Prefixing the keys with the restart count keeps attempts apart.
+    None (the default env:// set-up) for a first attempt or outside torchrun.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not attempt or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False)
+    return dist.PrefixStore(f"dsl-dist/attempt-{attempt}", store)
 
 
 def shutdown_distributed() -> None:

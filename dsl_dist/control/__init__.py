@@ -45,10 +45,11 @@ def connect_controller(cfg: ControlConfig, ctx: DistContext, schedule: UpdateSch
                               "control.ray_address or RAY_ADDRESS")
         ray.init(address=address, namespace=RAY_NAMESPACE, log_to_driver=False)
     namespace = ray.get_runtime_context().namespace
-    name = cfg.actor_name or ctx.broadcast_object(f"dsl-controller-{os.urandom(6).hex()}")
+    session = ctx.broadcast_object(os.urandom(6).hex())
+    name = cfg.actor_name or f"dsl-controller-{session}"
     if ctx.is_main:
         actor = controller_actor(name, namespace)
     ctx.barrier()
     if not ctx.is_main:
         actor = ray.get_actor(name, namespace=namespace)
-    return RayController(actor, schedule, budgets, ctx.world_size)
+    return RayController(actor, session, schedule, budgets, ctx.world_size)

@@ -5,6 +5,11 @@ each rank sends its count vector for round n, the actor answers every rank with 
 all ranks have sent theirs. It is created with `num_cpus=0`, so it never takes a worker's slot,
 and by the process that outlives the workers (the Ray launcher's driver, or rank 0 under
 torchrun), since a Ray actor dies with the process that created it.
+
+Every start of the worker group is a new session (a token from rank 0): a restarted group
+after a failure resets the actor, whose rounds the dead workers may have left half full, and
+then restores its history from the checkpoint it resumes from. If the actor itself dies, the
+workers' calls fail, the group restarts, and rank 0 creates a new actor under the same name.
 """
 
 from __future__ import annotations
@@ -37,16 +42,18 @@ class ControllerActor:
 
     def __init__(self) -> None:
         self.controller: Optional[SparsityController] = None
+        self.session = ""
         self.world_size = 0
         self.rounds: dict[int, _Round] = {}
 
-    async def configure(self, schedule: dict[str, Any], budgets: list[int],
+    async def configure(self, session: str, schedule: dict[str, Any], budgets: list[int],
                         world_size: int) -> None:
-        """Called by every rank with the same values: the first call sets them, later ones
-        must agree."""
+        """Called by every rank of a session with the same values: the first call of a new
+        session resets the actor, later ones must agree."""
         controller = SparsityController(UpdateSchedule(**schedule), budgets)
-        if self.controller is None:
-            self.controller, self.world_size = controller, world_size
+        if session != self.session:
+            self.session, self.controller, self.world_size = session, controller, world_size
+            self.rounds = {}
         elif (self.controller.schedule, self.controller.budgets, self.world_size) != (
                 controller.schedule, controller.budgets, world_size):
             raise ValueError("ranks configured the controller differently: "
@@ -60,7 +67,9 @@ class ControllerActor:
     async def plan(self, step: int) -> list[int]:
         return self._configured().plan(step)
 
-    async def reduce(self, round_id: int, counts: np.ndarray) -> np.ndarray:
+    async def reduce(self, session: str, round_id: int, counts: np.ndarray) -> np.ndarray:
+        if session != self.session:
+            raise RuntimeError(f"session {session} is over: the worker group was restarted")
         entry = self.rounds.setdefault(round_id, _Round())
         entry.total = counts.copy() if entry.total is None else entry.total + counts
         entry.arrived += 1
@@ -91,18 +100,18 @@ def controller_actor(name: str, namespace: Optional[str] = None) -> ray.actor.Ac
 class RayController:
     """A rank's client of the controller actor (same interface as `CollectiveController`)."""
 
-    def __init__(self, actor: ray.actor.ActorHandle, schedule: UpdateSchedule,
+    def __init__(self, actor: ray.actor.ActorHandle, session: str, schedule: UpdateSchedule,
                  budgets: list[int], world_size: int) -> None:
-        self.actor, self.schedule = actor, schedule
+        self.actor, self.session, self.schedule = actor, session, schedule
         self._next_round = 0
-        ray.get(actor.configure.remote(asdict(schedule), list(budgets), world_size))
+        ray.get(actor.configure.remote(session, asdict(schedule), list(budgets), world_size))
 
     def plan(self, step: int) -> list[int]:
         return ray.get(self.actor.plan.remote(step))
 
     def reduce_counts(self, counts: torch.Tensor) -> torch.Tensor:
         round_id, self._next_round = self._next_round, self._next_round + 1
-        total = ray.get(self.actor.reduce.remote(round_id, counts.cpu().numpy()))
+        total = ray.get(self.actor.reduce.remote(self.session, round_id, counts.cpu().numpy()))
         return torch.from_numpy(total).to(counts.device)
 
     def record(self, update: dict[str, Any]) -> None:
