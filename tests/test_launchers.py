@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,7 +29,8 @@ from conftest import REPO, SHARED_DATA
 
 BIN = Path(sys.executable).parent
 RUN_OVERRIDES = ["sparsity=dsl", "sparsity.density=0.2", "sparsity.delta_t=20",
-                 "train.epochs=2", "model.sharding_type=row_wise"]
+                 "data.batch_size=256", "train.epochs=4", "checkpoint.every=40",
+                 "model.sharding_type=row_wise"]
 
 
 def free_port() -> int:
@@ -194,4 +196,50 @@ def test_torchrun_across_two_nodes_matches(prepared: Path, reference: dict,
     outputs = [node.communicate(timeout=300) for node in nodes]
     for node, (_, err) in zip(nodes, outputs):
         assert node.returncode == 0, err[-3000:]
+    assert record(run_dir) == reference
+
+
+def processes_titled(title: bytes) -> list[int]:
+    """PIDs of the processes whose command line (Ray's process title) contains `title`."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if title in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def newest_step(run_dir: Path) -> int:
+    steps = [int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")]
+    return max(steps, default=0)
+
+
+@pytest.mark.multiprocess
+def test_ray_job_survives_a_killed_worker_and_a_killed_controller(
+        ray_cluster: RayCluster, prepared: Path, reference: dict, tmp_path: Path) -> None:
+    """Ray Train restarts the worker group from the last checkpoint each time: first after a
+    worker is SIGKILLed (the controller actor lives on and starts a new session), then after
+    the controller actor itself is (rank 0 creates a new one and restores its history)."""
+    run_dir = tmp_path / "run"
+    job = subprocess.Popen(
+        [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--",
+         "python", "-m", "dsl_dist.ray_train", *job_overrides(prepared, run_dir),
+         "ray.num_workers=2", "ray.max_failures=2", f"ray.storage_path={tmp_path / 'ray'}"],
+        cwd=REPO, env=environment(RAY_ADDRESS=ray_cluster.dashboard), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    for title in (b"ray::RayTrainWorker", b"ray::ControllerActor"):
+        reached = newest_step(run_dir)
+        deadline = time.monotonic() + 240
+        while newest_step(run_dir) <= reached:
+            assert job.poll() is None and time.monotonic() < deadline, f"no checkpoint ({title})"
+            time.sleep(0.05)
+        victims = processes_titled(title)
+        assert victims, title
+        os.kill(victims[-1], signal.SIGKILL)
+    out, _ = job.communicate(timeout=400)
+    assert job.returncode == 0, out[-4000:]
+    resumes = set(re.findall(r"resumed from \S+ at step \d+", out))
+    assert len(resumes) == 2, f"expected two restarts, saw {resumes}"
     assert record(run_dir) == reference
