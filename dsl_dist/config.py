@@ -71,7 +71,8 @@ class ModelConfig:
 
     def validate(self) -> None:
         _require(self.name == "mf", "model.name", "known models: mf", self.name)
-        _require(self.embedding_dim >= 1, "model.embedding_dim", "must be >= 1", self.embedding_dim)
+        _require(self.embedding_dim >= 4 and self.embedding_dim % 4 == 0, "model.embedding_dim",
+                 "must be a positive multiple of 4 (FBGEMM's kernels need it)", self.embedding_dim)
         _require(self.init_std > 0, "model.init_std", "must be > 0", self.init_std)
         for key, value in {"model.sharding_type": self.sharding_type,
                            **{f"model.table_sharding.{t}": s for t, s in self.table_sharding.items()}}.items():

@@ -44,6 +44,7 @@ def test_unknown_key_and_wrong_type_are_refused() -> None:
     ("train.optimizer=lbfgs", "train.optimizer"),
     ("train.lr=0", "train.lr"),
     ("data.batch_size=0", "data.batch_size"),
+    ("model.embedding_dim=13", "model.embedding_dim"),
     ("eval.ks=[]", "eval.ks"),
     ("backend=mpi", "backend"),
     ("sparsity=dsl sparsity.density=0", "sparsity.density"),
