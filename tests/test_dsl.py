@@ -157,16 +157,22 @@ def train_sparse(overrides: list[str]) -> dict:
 
     trainer = build_trainer(load(*overrides))
     metrics = trainer.fit()
-    zeros = all(bool((s.shard.weight[~s.mask] == 0).all()) for s in trainer.sparsity.shards)
+    for step, batch in enumerate(trainer.stream):  # steps after the last update, checked one by one
+        trainer.train_step(batch)
+        zeros = all(bool((s.shard.weight[~s.mask] == 0).all()) for s in trainer.sparsity.shards)
+        if not zeros or step == 3:
+            break
     active = sum(trainer.sparsity.active_per_table()[0].values())
     shutdown_distributed()
     return {"metrics": metrics, "zeros": zeros, "active": active}
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("sharding_type, tables", [(t, []) for t in SHARDING_TYPES] +
-                         [("table_wise", ["item"])])
-def test_sparse_training_keeps_the_budget(sharding_type: str, tables: list[str],
+@pytest.mark.parametrize("sharding_type, tables, extra", [(t, [], []) for t in SHARDING_TYPES] +
+                         [("table_wise", ["item"], []),
+                          # re-masking rows after the step instead of masking gradients
+                          ("row_wise", [], ["sparsity.reset_optimizer_state=false"])])
+def test_sparse_training_keeps_the_budget(sharding_type: str, tables: list[str], extra: list[str],
                                           clustered_source: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     overrides = [f"data.source={clustered_source}", f"data.path={tmp_path / 'prepared'}",
@@ -174,7 +180,7 @@ def test_sparse_training_keeps_the_budget(sharding_type: str, tables: list[str],
                  f"model.sharding_type={sharding_type}", "train.lr=0.1", "train.log_every=0",
                  "sparsity=dsl", "sparsity.density=0.25", "sparsity.delta_t=2",
                  "sparsity.growth=accumulated", f"sparsity.tables=[{','.join(tables)}]",
-                 f"run_dir={run_dir}"]
+                 f"run_dir={run_dir}", *extra]
     results = run_ranks(train_sparse, 2, tmp_path / "out", overrides)
     budget = round(0.25 * (60 if tables else 120 + 60) * 16)
     assert all(r["zeros"] for r in results), "a pruned weight is not zero after training"

@@ -90,7 +90,8 @@ class DynamicSparseTraining:
         connect = connect or (lambda schedule, budgets: CollectiveController(schedule, budgets,
                                                                              ctx.group))
         self.controller = connect(self.schedule, [g.budget for g in self.groups])
-        self.recorder = GrowthRecorder(self.shards, ctx.world_size)
+        self.recorder = GrowthRecorder(self.shards, ctx.world_size,
+                                       mask_gradients=cfg.reset_optimizer_state)
         self._init_masks()
 
     @property
@@ -105,22 +106,24 @@ class DynamicSparseTraining:
                 candidates: Any) -> dict[int, torch.Tensor]:
         """Per shard of `group`, which of its candidates are among the k extreme scores."""
         members = [s for s in self.shards if s.table in group.tables]
-        offered = [(s, candidates(s)) for s in members if self._offers(s)]
+        # candidates as flat local indices: gathering by index is cheaper than boolean
+        # indexing, and positions follow from indices without a full positions tensor
+        offered = [(s, torch.nonzero(candidates(s).view(-1)).view(-1))
+                   for s in members if self._offers(s)]
         device = self.ctx.device
-        flat_scores = torch.cat([scores(s)[c] for s, c in offered] or
-                                [torch.empty(0, device=device)])
-        positions = torch.cat([s.positions()[c] for s, c in offered] or
-                              [torch.empty(0, dtype=torch.int64, device=device)])
-        tie_keys = (positions * _TIE_SCRAMBLE) & ((1 << self.position_bits) - 1)
+        flat_scores = torch.cat([scores(s).view(-1).index_select(0, idx) for s, idx in offered]
+                                or [torch.empty(0, device=device)])
+        tie_keys = torch.cat([s.positions_at(idx) for s, idx in offered] or
+                             [torch.empty(0, dtype=torch.int64, device=device)])
+        tie_keys.mul_(_TIE_SCRAMBLE).bitwise_and_((1 << self.position_bits) - 1)
         chosen = select_extreme(flat_scores, tie_keys, k, largest=largest,
                                 reduce_counts=self.controller.reduce_counts,
                                 position_bits=self.position_bits)
         result, start = {}, 0
-        for s, c in offered:
+        for s, idx in offered:
             picked = torch.zeros_like(s.mask)
-            count = int(c.sum())
-            picked[c] = chosen[start:start + count]
-            start += count
+            picked.view(-1)[idx[chosen[start:start + idx.numel()]]] = True
+            start += idx.numel()
             result[id(s)] = picked
         for s in members:
             if s.shard.replicated:
@@ -216,7 +219,8 @@ class DynamicSparseTraining:
         for s in self.shards:
             if self._offers(s):
                 local[names.index(s.table)] += int(s.mask.sum())
-                hashes = (s.positions()[s.mask] * _TIE_SCRAMBLE) >> (64 - _DIGEST_BITS)
+                active = s.positions_at(torch.nonzero(s.mask.view(-1)).view(-1))
+                hashes = (active * _TIE_SCRAMBLE) >> (64 - _DIGEST_BITS)
                 local[-1] += int((hashes & ((1 << _DIGEST_BITS) - 1)).sum())
         total = self.controller.reduce_counts(local)
         return {name: int(total[i]) for i, name in enumerate(names)}, f"{int(total[-1]):x}"

@@ -1,11 +1,19 @@
-"""Row-level bookkeeping from the embedding kernels: which rows a step touched, and the gradient
-that reached them.
+"""Row-level work on the embedding kernels' gradients: the growth signal, and keeping pruned
+weights at zero.
 
 FBGEMM's fused kernels update the tables inside backward and never materialise the tables'
 gradients. A forward hook on each kernel sees the (local) row ids it looks up; a hook on its
 output's gradient scatters dL/d(pooled output) back to those rows, which for sum pooling is
-exactly the gradient of the weights, pruned positions included. Data-parallel tables are dense
-parameters, so their gradient is read directly.
+exactly the gradient of the weights, pruned positions included: the growth signal.
+
+The same hook keeps pruned weights at zero. Where every bag holds one id (MF's lookups), the
+pooled gradient of a sample is the gradient of exactly one row, so multiplying it by that
+row's mask hands the fused optimizer a gradient that is zero at pruned positions: SGD and
+Adagrad then leave them at zero, and row-wise Adagrad's accumulator sees only active weights.
+Features with longer bags share a pooled gradient between rows, so their rows are re-masked
+after the step instead (`take_touched_rows`), as are all rows when `mask_gradients` is off
+(momentum optimizers whose state of dropped weights is kept). Data-parallel tables are dense
+parameters: their gradient is read directly and they are re-masked whole.
 """
 
 from __future__ import annotations
@@ -20,11 +28,14 @@ from dsl_dist.sparsity.masks import MaskedShard
 
 
 class GrowthRecorder:
-    """Keeps the rows touched since the last re-masking and, while `capturing`, adds each
-    step's |gradient| (per weight) into the shards' `growth` statistic."""
+    """Masks the gradients of single-id lookups, keeps the other rows touched since the last
+    re-masking and, while `capturing`, adds each step's |gradient| (per weight) into the
+    shards' `growth` statistic."""
 
-    def __init__(self, shards: list[MaskedShard], world_size: int) -> None:
+    def __init__(self, shards: list[MaskedShard], world_size: int,
+                 mask_gradients: bool = True) -> None:
         self.world_size = world_size
+        self.mask_gradients = mask_gradients
         self.capturing = False
         self.replicated = [s for s in shards if s.shard.replicated]
         self._touched: dict[int, list[torch.Tensor]] = defaultdict(list)
@@ -50,25 +61,32 @@ class GrowthRecorder:
         values, weights = features.values(), features.weights_or_none()
         parts: dict[int, list[tuple[torch.Tensor, torch.Tensor, slice, Any]]] = defaultdict(list)
         targets: dict[int, MaskedShard] = {}
+        masked: list[tuple[torch.Tensor, slice, MaskedShard]] = []  # (ids, columns, shard)
         column = 0
         for f, key in enumerate(features.keys()):
             width, shard = columns[key]
             if shard is not None:
                 ids = values[offsets[f]:offsets[f + 1]].long()
-                self._touched[id(shard)].append(ids)
+                columns_f = slice(column, column + width)
+                if self.mask_gradients and ids.numel() == batch and bool((lengths[f] == 1).all()):
+                    masked.append((ids, columns_f, shard))
+                else:
+                    self._touched[id(shard)].append(ids)
                 if self.capturing:
                     bags = torch.repeat_interleave(torch.arange(batch, device=ids.device),
                                                    lengths[f])
                     sample_weights = None if weights is None else weights[offsets[f]:offsets[f + 1]]
-                    parts[id(shard)].append((ids, bags, slice(column, column + width),
-                                             sample_weights))
+                    parts[id(shard)].append((ids, bags, columns_f, sample_weights))
                     targets[id(shard)] = shard
             column += width
-        if parts:
-            output.register_hook(lambda grad: self._scatter(grad, parts, targets))
+        if parts or masked:
+            output.register_hook(lambda grad: self._on_grad(grad, parts, targets, masked))
 
     @torch.no_grad()
-    def _scatter(self, grad: torch.Tensor, parts: dict, targets: dict[int, MaskedShard]) -> None:
+    def _on_grad(self, grad: torch.Tensor, parts: dict, targets: dict[int, MaskedShard],
+                 masked: list[tuple[torch.Tensor, slice, MaskedShard]]) -> torch.Tensor:
+        """Records growth from the full gradient, then returns it with the single-id lookups'
+        pruned positions zeroed (the gradient the fused optimizer applies)."""
         for key, pieces in parts.items():
             ids = torch.cat([p[0] for p in pieces])
             grads = torch.cat([grad[bags, columns] if w is None else grad[bags, columns] * w[:, None]
@@ -77,6 +95,12 @@ class GrowthRecorder:
             row_grad = torch.zeros(len(rows), grads.shape[1], dtype=torch.float32,
                                    device=grads.device).index_add_(0, inverse, grads.float())
             targets[key].growth.index_add_(0, rows, row_grad.abs_())
+        if not masked:
+            return grad
+        grad = grad.clone()
+        for ids, columns, shard in masked:
+            grad[:, columns] *= shard.mask.index_select(0, ids)
+        return grad
 
     @torch.no_grad()
     def after_backward(self) -> None:
@@ -89,7 +113,8 @@ class GrowthRecorder:
                     s.growth += gradient.abs() * self.world_size
 
     def take_touched_rows(self, shard: MaskedShard) -> torch.Tensor:
-        """Local rows of `shard` looked up since the last call (with repeats: re-masking a row
-        twice costs less than sorting the ids)."""
+        """Local rows of `shard` that need re-masking: looked up since the last call in bags
+        whose gradient could not be masked (with repeats: re-masking a row twice costs less
+        than sorting the ids)."""
         ids = self._touched.pop(id(shard), [])
         return torch.cat(ids) if ids else torch.empty(0, dtype=torch.int64)

@@ -64,6 +64,15 @@ class MaskedShard:
         cols = torch.arange(s.col_offset, s.col_offset + s.num_cols, device=device)
         return self.base + rows[:, None] * s.table_cols + cols[None, :]
 
+    def positions_at(self, flat: torch.Tensor) -> torch.Tensor:
+        """Global positions of the weights at flat (row-major) local indices `flat`."""
+        s = self.shard
+        if s.num_cols == s.table_cols:  # whole rows: the shard is one contiguous range
+            return flat + (self.base + s.row_offset * s.table_cols)
+        rows = torch.div(flat, s.num_cols, rounding_mode="floor")
+        return (self.base + s.col_offset + (rows + s.row_offset) * s.table_cols
+                + (flat - rows * s.num_cols))
+
     @torch.no_grad()
     def apply_(self, rows: torch.Tensor | None = None) -> None:
         """Zeroes the pruned weights, of `rows` only (local indices) or of the whole shard."""
