@@ -157,6 +157,11 @@ class SparsityConfig:
     """Tables to sparsify; empty: every embedding table."""
     reset_optimizer_state: bool = True
     """Zero the optimizer state of weights that drop-and-grow changes (see README)."""
+    mask_gradients: bool = False
+    """Keep pruned weights at zero by masking the gradient of single-id lookups before the
+    fused optimizer applies it (cheaper than re-masking rows after each step; row-wise
+    Adagrad then accumulates only active weights' gradients, which changes its step size:
+    see README). Needs reset_optimizer_state."""
 
     def validate(self, max_steps: Optional[int] = None) -> None:
         _require(self.name in ("dense", "dsl"), "sparsity.name", "known methods: dense, dsl",

@@ -170,8 +170,9 @@ def train_sparse(overrides: list[str]) -> dict:
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("sharding_type, tables, extra", [(t, [], []) for t in SHARDING_TYPES] +
                          [("table_wise", ["item"], []),
-                          # re-masking rows after the step instead of masking gradients
-                          ("row_wise", [], ["sparsity.reset_optimizer_state=false"])])
+                          # masking single-id lookups' gradients instead of re-masking rows
+                          ("table_wise", [], ["sparsity.mask_gradients=true"]),
+                          ("column_wise", [], ["sparsity.mask_gradients=true"])])
 def test_sparse_training_keeps_the_budget(sharding_type: str, tables: list[str], extra: list[str],
                                           clustered_source: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"

@@ -91,7 +91,8 @@ class DynamicSparseTraining:
                                                                              ctx.group))
         self.controller = connect(self.schedule, [g.budget for g in self.groups])
         self.recorder = GrowthRecorder(self.shards, ctx.world_size,
-                                       mask_gradients=cfg.reset_optimizer_state)
+                                       mask_gradients=(cfg.mask_gradients and
+                                                       cfg.reset_optimizer_state))
         self._init_masks()
 
     @property
