@@ -132,7 +132,7 @@ def write_dataset(tables: dict[str, pa.Table], out_dir: Path, *, name: str, num_
         manifest = Manifest(SCHEMA_VERSION, name, len(ids["user"]), len(ids["item"]), seed,
                             split_infos)
         manifest.save(staging)
-        _move_into_place(staging, out_dir)
+        move_into_place(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
@@ -146,7 +146,7 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
                         "replace it")
 
 
-def _move_into_place(staging: Path, out_dir: Path) -> None:
+def move_into_place(staging: Path, out_dir: Path) -> None:
     """Renames the complete `staging` to `out_dir`; an existing `out_dir` is put aside first
     and deleted only once the new one is in place, so that a failure keeps the old one."""
     if not out_dir.exists():
