@@ -23,11 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def main(argv: list[str]) -> None:
-    if not argv:
-        sys.exit(__doc__)
-    name, overrides = argv[0], argv[1:]
-    nproc = int(os.environ.get("NPROC", "2"))
+def run_benchmark(name: str, overrides: list[str], results: Path = RESULTS,
+                  nproc: int = 2) -> dict:
+    """Runs one torchrun job with `overrides`, writes results/NAME.json and returns it."""
     run_dir = REPO / "runs" / f"benchmark-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", str(nproc), "-m", "dsl_dist.train", *overrides,
@@ -67,11 +65,18 @@ def main(argv: list[str]) -> None:
         "eval_seconds": evals[-1]["seconds"],
         "wall_seconds": wall,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{name}.json"
+    results.mkdir(parents=True, exist_ok=True)
+    out = results / f"{name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
     print(f"wrote {out}")
+    return result
+
+
+def main(argv: list[str]) -> None:
+    if not argv:
+        sys.exit(__doc__)
+    result = run_benchmark(argv[0], argv[1:], nproc=int(os.environ.get("NPROC", "2")))
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")
 OPTIMIZERS = ("rowwise_adagrad", "adagrad", "adam", "sgd")
 CPU_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 """FBGEMM's CPU kernels have no fused Adam."""
+DENSE_OPTIMIZERS = ("adagrad", "adam", "sgd")
 
 
 class ConfigError(ValueError):
@@ -54,12 +55,85 @@ class DataConfig:
         _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1", self.shuffle_buffer)
 
 
+MODELS = ("mf", "lightgcn", "neumf", "multvae")
+
+
+@dataclass
+class LightGCNConfig:
+    """LightGCN: the final embedding of a node is the mean of its first `num_layers` + 1
+    propagation layers over the normalised user-item graph of the train split."""
+
+    num_layers: int = 3
+    propagation: str = "bags"
+    """bags: each node's propagation weights, precomputed once, are looked up as weighted
+    EmbeddingBags (scales with sharded tables; exact with max_neighbours=0); full: every step
+    gathers both tables and propagates over the whole graph (exact; the tables and the graph
+    must fit on each rank)."""
+    max_neighbours: int = 64
+    """bags: keep the largest this many propagation weights of each node per table (0: all,
+    exact)."""
+
+    def validate(self) -> None:
+        _require(self.num_layers >= 1, "model.lightgcn.num_layers", "must be >= 1",
+                 self.num_layers)
+        _require(self.propagation in ("bags", "full"), "model.lightgcn.propagation",
+                 "must be bags or full", self.propagation)
+        _require(self.max_neighbours >= 0, "model.lightgcn.max_neighbours", "must be >= 0",
+                 self.max_neighbours)
+
+
+@dataclass
+class NeuMFConfig:
+    """NeuMF (He et al. 2017): a GMF tower (elementwise product of `gmf_dim` embeddings) and an
+    MLP tower over concatenated `embedding_dim` embeddings, fused by one linear layer; trained
+    with binary cross-entropy on each positive and its `data.num_negatives` negatives."""
+
+    gmf_dim: int = 16
+    mlp_layers: list[int] = field(default_factory=lambda: [32, 16, 8])
+    """Widths of the MLP tower's hidden layers (its input is 2 × model.embedding_dim)."""
+
+    def validate(self) -> None:
+        _require(self.gmf_dim >= 4 and self.gmf_dim % 4 == 0, "model.neumf.gmf_dim",
+                 "must be a positive multiple of 4 (FBGEMM's kernels need it)", self.gmf_dim)
+        _require(len(self.mlp_layers) > 0 and all(w >= 1 for w in self.mlp_layers),
+                 "model.neumf.mlp_layers", "must be a non-empty list of positive widths",
+                 self.mlp_layers)
+
+
+@dataclass
+class MultVAEConfig:
+    """Mult-VAE (Liang et al. 2018) over each user's train items: encoder items → hidden →
+    latent (mean, log-variance), decoder latent → hidden → items, multinomial likelihood.
+    The encoder's first layer is a weighted bag over an item table of width
+    model.embedding_dim (the hidden size), the decoder's last layer an item table of the same
+    width."""
+
+    latent_dim: int = 200
+    dropout: float = 0.5
+    """Input dropout on the user's items during training."""
+    beta_max: float = 0.2
+    """Cap of the KL term's weight, which grows linearly from 0 (Liang et al.'s annealing)."""
+    anneal_steps: int = 200000
+    """Training steps at which the KL weight would reach 1: weight = min(beta_max,
+    step / anneal_steps)."""
+
+    def validate(self) -> None:
+        _require(self.latent_dim >= 1, "model.multvae.latent_dim", "must be >= 1",
+                 self.latent_dim)
+        _require(0 <= self.dropout < 1, "model.multvae.dropout", "must be in [0, 1)",
+                 self.dropout)
+        _require(self.beta_max >= 0, "model.multvae.beta_max", "must be >= 0", self.beta_max)
+        _require(self.anneal_steps >= 1, "model.multvae.anneal_steps", "must be >= 1",
+                 self.anneal_steps)
+
+
 @dataclass
 class ModelConfig:
     """The recommender and how its embedding tables are sharded."""
 
     name: str = "mf"
-    """Model architecture (`mf`: BPR matrix factorisation)."""
+    """Model architecture: mf (BPR matrix factorisation), lightgcn, neumf or multvae; the
+    section of the same name holds its own settings."""
     embedding_dim: int = 64
     init_std: float = 0.1
     """Embedding weights start as Normal(0, init_std), drawn per row block so that a weight's
@@ -68,15 +142,21 @@ class ModelConfig:
     """Sharding of every table: table_wise, row_wise, column_wise or data_parallel."""
     table_sharding: dict[str, str] = field(default_factory=dict)
     """Per-table overrides of `sharding_type`, e.g. {item: row_wise}."""
+    lightgcn: LightGCNConfig = field(default_factory=LightGCNConfig)
+    neumf: NeuMFConfig = field(default_factory=NeuMFConfig)
+    multvae: MultVAEConfig = field(default_factory=MultVAEConfig)
 
     def validate(self) -> None:
-        _require(self.name == "mf", "model.name", "known models: mf", self.name)
+        _require(self.name in MODELS, "model.name", f"known models: {', '.join(MODELS)}",
+                 self.name)
         _require(self.embedding_dim >= 4 and self.embedding_dim % 4 == 0, "model.embedding_dim",
                  "must be a positive multiple of 4 (FBGEMM's kernels need it)", self.embedding_dim)
         _require(self.init_std > 0, "model.init_std", "must be > 0", self.init_std)
         for key, value in {"model.sharding_type": self.sharding_type,
                            **{f"model.table_sharding.{t}": s for t, s in self.table_sharding.items()}}.items():
             _require(value in SHARDING_TYPES, key, f"must be one of {SHARDING_TYPES}", value)
+        if self.name in ("lightgcn", "neumf", "multvae"):
+            getattr(self, self.name).validate()
 
     def sharding_of(self, table: str) -> str:
         return self.table_sharding.get(table, self.sharding_type)
@@ -91,11 +171,14 @@ class TrainConfig:
     """Stop after this many steps in total (None: run all epochs)."""
     optimizer: str = "rowwise_adagrad"
     """Embedding optimizer, fused into the backward pass by FBGEMM: rowwise_adagrad, adagrad,
-    adam (CUDA only) or sgd. Data-parallel tables and dense parameters use the same algorithm,
-    unfused."""
+    adam (CUDA only) or sgd. Data-parallel tables use the same algorithm, unfused."""
     lr: float = 0.05
+    dense_optimizer: str = "adam"
+    """Optimizer of the dense layers (NeuMF's towers, Mult-VAE's hidden layers): adagrad, adam
+    or sgd (unfused, so Adam runs on CPU too)."""
+    dense_lr: float = 1e-3
     l2_reg: float = 1e-4
-    """BPR's L2 penalty on the embeddings looked up by each batch."""
+    """BPR's L2 penalty on the embeddings looked up by each batch (MF, LightGCN)."""
     seed: int = 0
     log_every: int = 50
     """Print the training loss every this many steps (0: never)."""
@@ -107,6 +190,9 @@ class TrainConfig:
         _require(self.optimizer in OPTIMIZERS, "train.optimizer", f"must be one of {OPTIMIZERS}",
                  self.optimizer)
         _require(self.lr > 0, "train.lr", "must be > 0", self.lr)
+        _require(self.dense_optimizer in DENSE_OPTIMIZERS, "train.dense_optimizer",
+                 f"must be one of {DENSE_OPTIMIZERS}", self.dense_optimizer)
+        _require(self.dense_lr > 0, "train.dense_lr", "must be > 0", self.dense_lr)
         _require(self.l2_reg >= 0, "train.l2_reg", "must be >= 0", self.l2_reg)
         _require(self.log_every >= 0, "train.log_every", "must be >= 0", self.log_every)
 
@@ -155,6 +241,9 @@ class SparsityConfig:
     accumulated (|gradient| summed over the delta_t steps since the last update)."""
     tables: list[str] = field(default_factory=list)
     """Tables to sparsify; empty: every embedding table."""
+    dense_parameters: list[str] = field(default_factory=list)
+    """Dense parameters to sparsify as well, as glob patterns of their names in the model
+    (`tower.*`, `*`); the budget then spans them and the tables. Empty: none."""
     reset_optimizer_state: bool = True
     """Zero the optimizer state of weights that drop-and-grow changes (see README)."""
     mask_gradients: bool = False

@@ -68,6 +68,9 @@ class DistContext:
         dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
         return int(out.item())
 
+    def all_reduce_min(self, value: int) -> int:
+        return -self.all_reduce_max(-value)
+
 
 def init_distributed(backend: str = "auto") -> DistContext:
     """Joins the process group described by the torchrun/Ray environment variables.

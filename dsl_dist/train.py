@@ -19,12 +19,13 @@ from dsl_dist.config import JobConfig
 from dsl_dist.control import connect_controller
 from dsl_dist.data.manifest import Manifest
 from dsl_dist.data.prepare import ensure_prepared
-from dsl_dist.data.stream import InteractionStream
+from dsl_dist.data.stream import EpochStream, InteractionStream, UserHistoryStream
 from dsl_dist.distributed import DistContext, init_distributed, shutdown_distributed
 from dsl_dist.evaluation import evaluate
-from dsl_dist.model.mf import MatrixFactorization, bpr_loss
+from dsl_dist.model.base import PAIRS
+from dsl_dist.model.registry import build_model, prepare_model_data
 from dsl_dist.model.sharding import dense_optimizer, embedding_tables, shard_model
-from dsl_dist.model.shards import init_normal_, local_table_shards
+from dsl_dist.model.shards import dense_blocks, init_normal_, local_table_shards
 from dsl_dist.run_log import RunDirError, RunLog, default_run_dir
 from dsl_dist.sparsity.dsl import DynamicSparseTraining
 
@@ -39,14 +40,11 @@ class Trainer:
         self.manifest: Manifest = ctx.main_then_broadcast(lambda: ensure_prepared(
             Path(cfg.data.source), self.dataset_dir, name=cfg.data.name,
             num_shards=cfg.data.num_shards, seed=cfg.train.seed))
-        self.stream = InteractionStream(
-            self.dataset_dir, rank=ctx.rank, world_size=ctx.world_size,
-            batch_size=cfg.data.batch_size, num_negatives=cfg.data.num_negatives,
-            seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer)
-        module = MatrixFactorization(self.manifest.num_users, self.manifest.num_items,
-                                     cfg.model.embedding_dim, cfg.data.num_negatives)
-        self.feature_names = module.feature_names
+        ctx.main_then_broadcast(lambda: prepare_model_data(cfg, self.dataset_dir))
+        module = build_model(cfg, self.manifest, self.dataset_dir)
+        self.stream = self._stream(module.batches)
         tables = embedding_tables(module)
+        torch.manual_seed(cfg.train.seed)  # dense layers (DDP then copies rank 0's everywhere)
         self.model = shard_model(module, cfg.model, cfg.train, ctx)
         init_normal_(local_table_shards(self.model), cfg.model.init_std, cfg.train.seed)
         self.dense_optimizer = dense_optimizer(self.model, cfg.train)
@@ -56,17 +54,30 @@ class Trainer:
         self.total_steps = min(epoch_steps, cfg.train.max_steps or epoch_steps)
         self.sparsity = (DynamicSparseTraining(
             cfg.sparsity, self.model, tables, ctx, self.total_steps, cfg.train.seed,
+            dense=dense_blocks(self.model, cfg.sparsity.dense_parameters, self.dense_optimizer),
             connect=lambda schedule, budgets: connect_controller(cfg.control, ctx, schedule,
                                                                  budgets))
             if cfg.sparsity.name == "dsl" else None)
+
+    def _stream(self, batches: str) -> EpochStream:
+        """The training batches of this rank for a model fed `batches` (see model/base.py)."""
+        cfg, ctx = self.cfg, self.ctx
+        if batches == PAIRS:
+            return InteractionStream(
+                self.dataset_dir, rank=ctx.rank, world_size=ctx.world_size,
+                batch_size=cfg.data.batch_size, num_negatives=cfg.data.num_negatives,
+                seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+        stream = UserHistoryStream(self.dataset_dir, rank=ctx.rank, world_size=ctx.world_size,
+                                   batch_size=cfg.data.batch_size, seed=cfg.train.seed)
+        stream.steps_per_epoch = ctx.all_reduce_min(stream.local_steps)
+        return stream
 
     def train_step(self, batch: KeyedJaggedTensor) -> torch.Tensor:
         """Forward, backward (which also updates the fused embedding tables), dense update,
         then the sparsity masks (and, every delta_t steps, drop-and-grow)."""
         if self.sparsity:
             self.sparsity.before_step(self.step + 1)
-        loss = bpr_loss(self.model(batch.to(self.ctx.device)), self.cfg.data.num_negatives,
-                        self.cfg.train.l2_reg)
+        loss = self.model(batch.to(self.ctx.device))
         loss.backward()
         if self.sparsity:
             self.sparsity.after_backward()
@@ -111,7 +122,7 @@ class Trainer:
 
     def evaluate(self, epoch: int) -> dict[str, float]:
         started = time.perf_counter()
-        metrics = evaluate(self.model, self.feature_names, self.dataset_dir, self.cfg.eval.split,
+        metrics = evaluate(self.model, self.dataset_dir, self.cfg.eval.split,
                            self.manifest.num_items, list(self.cfg.eval.ks),
                            self.cfg.eval.user_batch, self.ctx)
         self.log.write("eval", epoch=epoch, step=self.step, split=self.cfg.eval.split,
@@ -174,6 +185,8 @@ class Trainer:
                                file=sys.stderr)
                 continue
             check_compatible(path, meta["config"], self.cfg)
+            if self.dense_optimizer is not None:  # Adam's state is lazy: create it to load into
+                self.dense_optimizer.init_state()
             state = self.checkpoint_state()
             self.checkpoints.load(path, state)
             break

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from hydra.errors import ConfigCompositionException
 
 from conftest import REPO
-from dsl_dist.config import ConfigError, JobConfig, register_configs
+from dsl_dist.config import MODELS, ConfigError, JobConfig, register_configs
 
 
 def load(*overrides: str) -> JobConfig:
@@ -56,11 +56,28 @@ def test_unknown_key_and_wrong_type_are_refused() -> None:
     ("control.controller=zookeeper", "control.controller"),
     ("ray.num_workers=0", "ray.num_workers"),
     ("ray.cpus_per_worker=0", "ray.cpus_per_worker"),
+    ("model.name=transformer", "model.name"),
+    ("model=lightgcn model.lightgcn.num_layers=0", "model.lightgcn.num_layers"),
+    ("model=lightgcn model.lightgcn.propagation=sampled", "model.lightgcn.propagation"),
+    ("model=lightgcn model.lightgcn.max_neighbours=-1", "model.lightgcn.max_neighbours"),
+    ("model=neumf model.neumf.gmf_dim=6", "model.neumf.gmf_dim"),
+    ("model=neumf model.neumf.mlp_layers=[]", "model.neumf.mlp_layers"),
+    ("model=multvae model.multvae.dropout=1", "model.multvae.dropout"),
+    ("model=multvae model.multvae.anneal_steps=0", "model.multvae.anneal_steps"),
+    ("train.dense_optimizer=lbfgs", "train.dense_optimizer"),
+    ("train.dense_lr=-1", "train.dense_lr"),
 ])
 def test_validation_names_the_key(override: str, key: str) -> None:
     cfg = load(*override.split())
     with pytest.raises(ConfigError, match=rf"^{key}="):
         cfg.validate()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_is_a_config_group(model: str) -> None:
+    cfg = load(f"model={model}")
+    assert cfg.model.name == model
+    cfg.validate()
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fused Adam exists on CUDA")

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dsl_dist.data import (DataError, InteractionStream, Manifest, negative_feature_names,
-                           prepare_dataset, read_user_items)
+from dsl_dist.data import (DataError, InteractionStream, Manifest, UserHistoryStream,
+                           history_batch, negative_feature_names, prepare_dataset,
+                           read_user_items)
 
 Pair = tuple[int, int]
 
@@ -196,3 +197,67 @@ def test_user_items_of_users_without_rows(tmp_path: Path) -> None:
     rank0 = read_user_items(tmp_path / "ds", "test", rank=0, world_size=2)
     assert rank0.users.tolist() == [0, 2]
     assert [rank0.items_of(k).tolist() for k in range(2)] == [[0], [1]]
+
+
+def test_user_items_gather_handles_absent_users(tmp_path: Path) -> None:
+    (tmp_path / "train.txt").write_text("0 1 2\n1 0\n3 2 0 1\n")
+    (tmp_path / "test.txt").write_text("0 0\n")
+    prepare_dataset({"train": tmp_path / "train.txt", "test": tmp_path / "test.txt"},
+                    tmp_path / "ds", name="t")
+    train = read_user_items(tmp_path / "ds", "train", rank=1, world_size=2)
+    assert train.users.tolist() == [1]  # of the users 0, 1, 2 (raw 0, 1, 3)
+    counts, items = train.gather(np.array([1, 2, 0, 1]))
+    assert counts.tolist() == [1, 0, 0, 1]
+    assert items.tolist() == train.items_of(0).tolist() * 2
+    batch = history_batch(train, np.array([2, 1]))
+    assert batch["user"].values().tolist() == [2, 1]
+    assert batch["history"].lengths().tolist() == [0, 1]
+    assert batch["history"].values().tolist() == train.items_of(0).tolist()
+    everyone = read_user_items(tmp_path / "ds", "train", rank=0, world_size=1)
+    counts, items = everyone.gather(np.array([2, 0]))
+    assert counts.tolist() == [3, 2]
+    assert items.tolist() == everyone.items_of(2).tolist() + everyone.items_of(0).tolist()
+
+
+def histories(dataset: Path, rank: int, world_size: int, epoch: int = 0,
+              batch_size: int = 7) -> UserHistoryStream:
+    s = UserHistoryStream(dataset, rank=rank, world_size=world_size, batch_size=batch_size, seed=3)
+    s.set_epoch(epoch)
+    return s
+
+
+def test_history_batches_hold_each_ranks_users_with_all_their_items(dataset: Path) -> None:
+    train = Counter(split_pairs(dataset, "train"))
+    for rank in range(2):
+        s = histories(dataset, rank, 2)
+        batches = list(s)
+        assert len(batches) == s.steps_per_epoch == s.local_steps == 60 // 7
+        seen: Counter[Pair] = Counter()
+        for batch in batches:
+            users, history = batch["user"].values(), batch["history"]
+            assert len(users) == 7 and bool((users % 2 == rank).all())
+            for user, items in zip(users.tolist(), history.to_dense()):
+                seen.update((user, int(i)) for i in items)
+        users = {u for u, _ in seen}
+        assert len(users) == 7 * len(batches), "a user twice in an epoch"
+        assert seen == Counter({p: c for p, c in train.items() if p[0] in users})
+
+
+def test_history_batches_are_seeded_by_epoch_and_resume_mid_epoch(dataset: Path) -> None:
+    first = list(histories(dataset, 1, 2, epoch=4))
+    assert same_batches(first, list(histories(dataset, 1, 2, epoch=4)))
+    assert not same_batches(first, list(histories(dataset, 1, 2, epoch=5)))
+    s = histories(dataset, 1, 2, epoch=4)
+    taken = [b for _, b in zip(range(3), s)]
+    resumed = histories(dataset, 1, 2)
+    resumed.load_state_dict(s.state_dict())
+    assert s.state_dict() == {"epoch": 4, "batches_done": 3}
+    assert same_batches(taken + list(resumed), first)
+    limited = histories(dataset, 0, 2, epoch=4)
+    limited.steps_per_epoch = 2  # as the trainer sets it: the smallest over the ranks
+    assert len(list(limited)) == 2
+
+
+def test_history_stream_refuses_a_batch_larger_than_a_ranks_users(dataset: Path) -> None:
+    with pytest.raises(DataError, match="fewer than one batch of 61"):
+        histories(dataset, 0, 2, batch_size=61)

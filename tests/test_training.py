@@ -56,7 +56,7 @@ def brute_force_metrics(users: np.ndarray, items: np.ndarray, source: Path, data
 
 def train_and_check(overrides: list[str], source: str) -> dict:
     from dsl_dist.distributed import shutdown_distributed
-    from dsl_dist.evaluation import item_matrix, lookup
+    from dsl_dist.model.base import lookup
     from dsl_dist.train import build_trainer
 
     cfg = load(*overrides)
@@ -64,10 +64,9 @@ def train_and_check(overrides: list[str], source: str) -> dict:
     ctx = trainer.ctx
     metrics = trainer.fit()
     with torch.no_grad():
-        items = item_matrix(trainer.model, trainer.feature_names, trainer.manifest.num_items, 64,
-                            ctx.device)
-        users = lookup(trainer.model, trainer.feature_names, "user",
-                       torch.arange(trainer.manifest.num_users), ctx.device)
+        model = trainer.model.module
+        items = model.item_side(ctx.device, 64)
+        users = lookup(model.embeddings, model.keys, "user", torch.arange(trainer.manifest.num_users))
     reference = brute_force_metrics(users.numpy().astype(np.float64),
                                     items.numpy().astype(np.float64), Path(source),
                                     Path(cfg.data.path), 20)

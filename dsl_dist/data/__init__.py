@@ -16,7 +16,8 @@ _EXPORTS = {
     "verify_shard": "manifest",
     "prepare_dataset": "prepare", "ensure_prepared": "prepare",
     "find_source_splits": "prepare", "split_interactions": "prepare",
-    "InteractionStream": "stream", "UserItems": "stream", "read_user_items": "stream",
+    "InteractionStream": "stream", "UserHistoryStream": "stream", "UserItems": "stream",
+    "read_user_items": "stream", "history_batch": "stream", "HISTORY_FEATURE": "stream",
     "USER_FEATURE": "stream", "ITEM_FEATURE": "stream", "negative_feature_names": "stream",
 }
 __all__ = sorted(_EXPORTS)

@@ -1,7 +1,8 @@
-"""Per-rank streaming of prepared shards: BPR training batches and per-user evaluation rows.
+"""Per-rank streaming of prepared shards: training batches and per-user evaluation rows.
 
-No rank reads the whole data set: training reads one contiguous part of the (pre-shuffled)
-train rows, a row group at a time, and evaluation keeps only the rows of the rank's users.
+No rank reads the whole data set: pair training reads one contiguous part of the
+(pre-shuffled) train rows, a row group at a time; history training and evaluation keep only
+the rows of the rank's users.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dsl_dist.data.manifest import Manifest, ShardInfo, verify_shard
 
 USER_FEATURE = "user"
 ITEM_FEATURE = "item"
+HISTORY_FEATURE = "history"
 
 
 def negative_feature_names(num_negatives: int) -> list[str]:
@@ -91,35 +93,18 @@ class ShardReader:
         return groups
 
 
-class InteractionStream:
-    """One rank's BPR training batches as KeyedJaggedTensors.
-
-    The train rows are cut into `world_size` equal contiguous parts; in epoch e rank r reads
-    part (r + e) % world_size, so every rank sees different rows each epoch and every rank makes
-    exactly `steps_per_epoch` steps. Row groups are visited in a seeded order and mixed through a
-    shuffle buffer; negatives are uniform over items. (seed, epoch, rank, world_size) fix the
-    batches. Each batch has keys [user, item, neg_0, ...], one id per sample and key.
+class EpochStream:
+    """Epochs of batches that every rank cuts alike, resumable within an epoch.
 
     Each iteration is one pass over the epoch set by `set_epoch`; after `load_state_dict`, the
-    next one starts after the batches that the saved state had already taken.
+    next one starts after the batches that the saved state had already taken. Subclasses set
+    `steps_per_epoch` and yield from `_batches(skip)`, which must not yield the first `skip`
+    batches of the epoch.
     """
 
-    def __init__(self, dataset_dir: Path, *, rank: int, world_size: int, batch_size: int,
-                 num_negatives: int = 1, seed: int = 0, shuffle_buffer: int = 65536,
-                 verify_checksums: bool = True) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.manifest = Manifest.load(dataset_dir)
-        self.reader = ShardReader(dataset_dir, self.manifest, verify_checksums)
-        self.rank, self.world_size = rank, world_size
-        self.batch_size, self.num_negatives = batch_size, num_negatives
-        self.seed, self.shuffle_buffer = seed, shuffle_buffer
-        self.keys = [USER_FEATURE, ITEM_FEATURE, *negative_feature_names(num_negatives)]
-        self.part_rows = self.manifest.split("train").rows // world_size
-        self.steps_per_epoch = self.part_rows // batch_size
-        if self.steps_per_epoch == 0:
-            raise DataError(f"{dataset_dir}: {self.part_rows} train rows per rank cannot fill one "
-                            f"batch of {batch_size}; lower data.batch_size")
+    steps_per_epoch: int
+
+    def __init__(self) -> None:
         self.epoch = 0
         self.batches_done = 0
         self._resume_at = 0  # batches the next iteration skips
@@ -136,6 +121,43 @@ class InteractionStream:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
         self._resume_at = self.batches_done
+
+    def __iter__(self) -> Iterator[KeyedJaggedTensor]:
+        skip, self._resume_at, self.batches_done = self._resume_at, 0, self._resume_at
+        for batch in self._batches(skip):
+            self.batches_done += 1
+            yield batch
+
+    def _batches(self, skip: int) -> Iterator[KeyedJaggedTensor]:
+        raise NotImplementedError
+
+
+class InteractionStream(EpochStream):
+    """One rank's (user, positive, negatives) training batches as KeyedJaggedTensors.
+
+    The train rows are cut into `world_size` equal contiguous parts; in epoch e rank r reads
+    part (r + e) % world_size, so every rank sees different rows each epoch and every rank makes
+    exactly `steps_per_epoch` steps. Row groups are visited in a seeded order and mixed through a
+    shuffle buffer; negatives are uniform over items. (seed, epoch, rank, world_size) fix the
+    batches. Each batch has keys [user, item, neg_0, ...], one id per sample and key.
+    """
+
+    def __init__(self, dataset_dir: Path, *, rank: int, world_size: int, batch_size: int,
+                 num_negatives: int = 1, seed: int = 0, shuffle_buffer: int = 65536,
+                 verify_checksums: bool = True) -> None:
+        super().__init__()
+        _check_rank(rank, world_size)
+        self.manifest = Manifest.load(dataset_dir)
+        self.reader = ShardReader(dataset_dir, self.manifest, verify_checksums)
+        self.rank, self.world_size = rank, world_size
+        self.batch_size, self.num_negatives = batch_size, num_negatives
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.keys = [USER_FEATURE, ITEM_FEATURE, *negative_feature_names(num_negatives)]
+        self.part_rows = self.manifest.split("train").rows // world_size
+        self.steps_per_epoch = self.part_rows // batch_size
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{dataset_dir}: {self.part_rows} train rows per rank cannot fill one "
+                            f"batch of {batch_size}; lower data.batch_size")
 
     def part(self) -> tuple[int, int]:
         """This rank's global train rows [start, stop) in the current epoch."""
@@ -162,29 +184,27 @@ class InteractionStream:
             users, items = [all_users[order[full:]]], [all_items[order[full:]]]
             held -= full
 
-    def __iter__(self) -> Iterator[KeyedJaggedTensor]:
+    def _batches(self, skip: int) -> Iterator[KeyedJaggedTensor]:
         shuffle_seed, negatives_seed = np.random.SeedSequence(
             [self.seed, self.epoch, self.rank, self.world_size]).spawn(2)
         generator = torch.Generator().manual_seed(
             int(negatives_seed.generate_state(1, np.uint64)[0]))
         positives = self._positives(np.random.default_rng(shuffle_seed))
         lengths = torch.ones(len(self.keys) * self.batch_size, dtype=torch.int32)
-        resume_at, self._resume_at, self.batches_done = self._resume_at, 0, self._resume_at
         for step, (users, items) in enumerate(positives):  # steps_per_epoch batches
             negatives = torch.randint(self.manifest.num_items,
                                       (self.num_negatives, self.batch_size), generator=generator)
-            if step < resume_at:  # replay the random streams up to where the saved state was
+            if step < skip:  # replay the random streams up to where the saved state was
                 continue
             values = torch.cat([torch.from_numpy(users), torch.from_numpy(items),
                                 negatives.flatten()])
-            self.batches_done = step + 1
             yield KeyedJaggedTensor.from_lengths_sync(keys=self.keys, values=values,
                                                       lengths=lengths)
 
 
 @dataclass(frozen=True)
 class UserItems:
-    """Items per user in CSR form: users[k] has items[indptr[k]:indptr[k + 1]]."""
+    """Items per user in CSR form: users[k] (sorted) has items[indptr[k]:indptr[k + 1]]."""
 
     users: np.ndarray
     indptr: np.ndarray
@@ -192,6 +212,18 @@ class UserItems:
 
     def items_of(self, k: int) -> np.ndarray:
         return self.items[self.indptr[k]:self.indptr[k + 1]]
+
+    def gather(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(counts, items): how many items each of `users` has (0 for users absent here) and
+        all those items, user after user."""
+        if not len(self.users):
+            return np.zeros(len(users), np.int64), np.empty(0, np.int64)
+        k = np.searchsorted(self.users, users).clip(max=len(self.users) - 1)
+        found = self.users[k] == users
+        starts = self.indptr[k]
+        counts = np.where(found, self.indptr[k + 1] - starts, 0)
+        within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        return counts, self.items[np.repeat(starts, counts) + within]
 
 
 def read_user_items(dataset_dir: Path, split: str, *, rank: int, world_size: int,
@@ -211,3 +243,50 @@ def read_user_items(dataset_dir: Path, split: str, *, rank: int, world_size: int
     all_users, all_items = all_users[order], all_items[order]
     unique, starts = np.unique(all_users, return_index=True)
     return UserItems(unique, np.r_[starts, len(all_users)].astype(np.int64), all_items)
+
+
+def history_batch(source: UserItems, users: np.ndarray) -> KeyedJaggedTensor:
+    """KJT with keys [user, history]: each of `users` and its items in `source` (none for a
+    user absent from it)."""
+    counts, items = source.gather(users)
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=[USER_FEATURE, HISTORY_FEATURE],
+        values=torch.from_numpy(np.concatenate([users, items]).astype(np.int64)),
+        lengths=torch.from_numpy(np.concatenate([np.ones(len(users)), counts]).astype(np.int32)))
+
+
+class UserHistoryStream(EpochStream):
+    """One rank's batches of users with all their train items (KJT keys user, history), for
+    models that encode a user from the items they interacted with.
+
+    Rank r holds the users with user % world_size == r that have train items; each epoch they
+    are shuffled by (seed, epoch, rank, world_size) and cut into batches of `batch_size`
+    users. Ranks hold different numbers of users, so `local_steps` may differ between them: the
+    trainer sets `steps_per_epoch` to the smallest, which every rank then makes.
+    """
+
+    def __init__(self, dataset_dir: Path, *, rank: int, world_size: int, batch_size: int,
+                 seed: int = 0, verify_checksums: bool = True) -> None:
+        super().__init__()
+        _check_rank(rank, world_size)
+        self.histories = read_user_items(dataset_dir, "train", rank=rank, world_size=world_size,
+                                     verify_checksums=verify_checksums)
+        self.rank, self.world_size, self.batch_size, self.seed = rank, world_size, batch_size, seed
+        self.local_steps = len(self.histories.users) // batch_size
+        if self.local_steps == 0:
+            raise DataError(f"{dataset_dir}: rank {rank} of {world_size} holds "
+                            f"{len(self.histories.users)} users with train items, fewer than one "
+                            f"batch of {batch_size}; lower data.batch_size")
+        self.steps_per_epoch = self.local_steps
+
+    def _batches(self, skip: int) -> Iterator[KeyedJaggedTensor]:
+        order = np.random.default_rng(np.random.SeedSequence(
+            [self.seed, self.epoch, self.rank, self.world_size])).permutation(len(self.histories.users))
+        for step in range(skip, self.steps_per_epoch):
+            rows = order[step * self.batch_size:(step + 1) * self.batch_size]
+            yield history_batch(self.histories, self.histories.users[rows])
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")

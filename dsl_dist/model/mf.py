@@ -1,65 +1,79 @@
-"""BPR matrix factorisation on a TorchRec EmbeddingBagCollection.
-
-The module is a plain `nn.Module` built on the `meta` device: `DistributedModelParallel` shards
-its tables from outside, so nothing here knows about ranks.
-"""
+"""BPR matrix factorisation on a TorchRec EmbeddingBagCollection."""
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
 from dsl_dist.data.stream import ITEM_FEATURE, USER_FEATURE, negative_feature_names
+from dsl_dist.model.base import Recommender, collection_keys, lookup
 
 USER_TABLE = "user"
 ITEM_TABLE = "item"
 
 
-class MatrixFactorization(nn.Module):
-    """score(u, i) = <e_u, e_i> with a user table and an item table.
+class MatrixFactorization(Recommender):
+    """score(u, i) = <e_u, e_i> with a user table and an item table, trained with BPR.
 
     The item table serves the positive item feature and every negative-sample feature, so one
     lookup per feature returns a (batch, dim) tensor for each.
 
     Example::
 
-        model = MatrixFactorization(num_users=10, num_items=20, embedding_dim=8, num_negatives=1)
-        out = model(kjt)  # KeyedTensor with keys user, item, neg_0; out["user"]: (B, 8)
+        model = MatrixFactorization(num_users=10, num_items=20, embedding_dim=8,
+                                    num_negatives=1, l2_reg=1e-4)
+        loss = model(kjt)  # kjt: keys user, item, neg_0, one id per sample
     """
 
     def __init__(self, num_users: int, num_items: int, embedding_dim: int, num_negatives: int,
-                 device: torch.device = torch.device("meta")) -> None:
+                 l2_reg: float, device: torch.device = torch.device("meta")) -> None:
         super().__init__()
-        self.item_features = [ITEM_FEATURE, *negative_feature_names(num_negatives)]
+        self.num_negatives, self.l2_reg = num_negatives, l2_reg
+        item_features = [ITEM_FEATURE, *negative_feature_names(num_negatives)]
         self.embeddings = EmbeddingBagCollection(
             tables=[
                 EmbeddingBagConfig(name=USER_TABLE, embedding_dim=embedding_dim,
                                    num_embeddings=num_users, feature_names=[USER_FEATURE]),
                 EmbeddingBagConfig(name=ITEM_TABLE, embedding_dim=embedding_dim,
-                                   num_embeddings=num_items, feature_names=self.item_features),
+                                   num_embeddings=num_items, feature_names=item_features),
             ],
             device=device,
         )
+        self.keys = collection_keys(self.embeddings)
+        self.num_items = num_items
 
-    @property
-    def feature_names(self) -> list[str]:
-        return [USER_FEATURE, *self.item_features]
+    def forward(self, batch: KeyedJaggedTensor) -> torch.Tensor:
+        out = self.embeddings(batch)
+        negatives = torch.stack([out[f] for f in negative_feature_names(self.num_negatives)], 1)
+        return bpr_loss(out[USER_FEATURE], out[ITEM_FEATURE], negatives, self.l2_reg)
 
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        return self.embeddings(features)
+    @torch.no_grad()
+    def item_side(self, device: torch.device, chunk: int) -> torch.Tensor:
+        """All item embeddings (num_items, dim)."""
+        ids = torch.arange(self.num_items, device=device)
+        return torch.cat([lookup(self.embeddings, self.keys, ITEM_FEATURE, part)
+                          for part in ids.split(chunk)])
+
+    @torch.no_grad()
+    def score(self, items: torch.Tensor, users: torch.Tensor,
+              history: KeyedJaggedTensor) -> torch.Tensor:
+        return lookup(self.embeddings, self.keys, USER_FEATURE, users) @ items.T
 
 
-def bpr_loss(embeddings: KeyedTensor, num_negatives: int, l2_reg: float) -> torch.Tensor:
+def bpr_loss(users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+             l2_reg: float, regularised: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
     """Bayesian personalised ranking loss, averaged over positives and their negatives.
 
-    The L2 term follows LightGCN's code: l2_reg · ½(‖e_u‖² + ‖e_i‖² + Σ‖e_j‖²) / batch.
+    users, positives: (batch, dim); negatives: (batch, num_negatives, dim). The L2 term follows
+    LightGCN's code: l2_reg · ½(‖e_u‖² + ‖e_i‖² + Σ‖e_j‖² / num_negatives) / batch, over the
+    scored embeddings or over `regularised` (the same three shapes: LightGCN's layer-0 ones).
     """
-    users = embeddings[USER_FEATURE]
-    positives = embeddings[ITEM_FEATURE]
-    negatives = torch.stack([embeddings[f] for f in negative_feature_names(num_negatives)], dim=1)
     pos_scores = (users * positives).sum(-1, keepdim=True)
     neg_scores = torch.einsum("bd,bnd->bn", users, negatives)
     ranking = nn.functional.softplus(neg_scores - pos_scores).mean()
-    squared = users.pow(2).sum() + positives.pow(2).sum() + negatives.pow(2).sum() / num_negatives
+    u, p, n = regularised or (users, positives, negatives)
+    squared = u.pow(2).sum() + p.pow(2).sum() + n.pow(2).sum() / n.shape[1]
     return ranking + l2_reg * 0.5 * squared / users.shape[0]

@@ -18,7 +18,7 @@ from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.keyed import KeyedOptimizerWrapper
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from dsl_dist.config import ModelConfig, TrainConfig
@@ -73,16 +73,28 @@ def shard_model(model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfig
                                     device=ctx.device, plan=plan, sharders=sharders)
 
 
+def _is_table(parameter_name: str) -> bool:
+    return "embedding_bags" in parameter_name
+
+
 def _embedding_parameters(model: nn.Module) -> Iterable[nn.Parameter]:
-    return [p for name, p in model.named_parameters() if "embedding_bags" in name]
+    return [p for name, p in model.named_parameters() if _is_table(name)]
 
 
 def dense_optimizer(model: DistributedModelParallel,
-                    train_cfg: TrainConfig) -> KeyedOptimizerWrapper | None:
-    """The unfused optimizer for parameters FBGEMM does not update in backward: the dense
-    layers and data-parallel tables. None when there are none."""
+                    train_cfg: TrainConfig) -> KeyedOptimizer | None:
+    """The unfused optimizer of the parameters FBGEMM does not update in backward: data-parallel
+    tables (the embedding optimizer's algorithm) and dense layers (`train.dense_optimizer`).
+    None when there are none."""
     params: dict[str, Any] = dict(in_backward_optimizer_filter(model.named_parameters()))
-    if not params:
+    tables = {n: p for n, p in params.items() if _is_table(n)}
+    layers = {n: p for n, p in params.items() if not _is_table(n)}
+    parts = [(name, KeyedOptimizerWrapper(group, lambda ps, cls=cls, lr=lr: cls(ps, lr=lr)))
+             for name, group, cls, lr in (
+                 ("tables", tables, OPTIMIZER_CLASSES[train_cfg.optimizer], train_cfg.lr),
+                 ("dense", layers, OPTIMIZER_CLASSES[train_cfg.dense_optimizer],
+                  train_cfg.dense_lr))
+             if group]
+    if not parts:
         return None
-    optimizer_cls = OPTIMIZER_CLASSES[train_cfg.optimizer]
-    return KeyedOptimizerWrapper(params, lambda ps: optimizer_cls(ps, lr=train_cfg.lr))
+    return parts[0][1] if len(parts) == 1 else CombinedOptimizer(parts)

@@ -1,21 +1,28 @@
-"""The local shards of sharded embedding tables, addressed by their global offsets.
+"""The blocks of weights a rank holds: local shards of sharded embedding tables, addressed by
+their global offsets, and the model's dense parameters.
 
 Everything that touches table weights from outside the model (initialisation, the sparsity
 masks) goes through `local_table_shards`, whatever the sharding type. A shard is found through
 the embedding kernels that TorchRec's sharded collections run, so it also carries the kernel
-that looks it up and that kernel's optimizer state.
+that looks it up and that kernel's optimizer state. `dense_blocks` presents dense parameters
+(replicated by DDP) the same way, as one-shard tables, so that masks treat both alike.
 """
 
 from __future__ import annotations
 
 import zlib
+import fnmatch
 from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 from torch import nn
 from torchrec.distributed.batched_embedding_kernel import BaseBatchedEmbeddingBag
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+from torchrec.optim.keyed import KeyedOptimizer
+
+from dsl_dist.config import ConfigError
 
 INIT_BLOCK_ROWS = 4096
 
@@ -63,6 +70,68 @@ class TableShard:
             return None
         start = (self.weight.data_ptr() - flat.data_ptr()) // flat.element_size()
         return flat.grad[start:start + self.weight.numel()].view_as(self.weight)
+
+
+@dataclass
+class DenseBlock:
+    """A dense parameter of the model as a table held whole by every rank: a matrix as it is,
+    a vector as one column. Its gradient is DDP's mean over the ranks."""
+
+    table: str
+    """The parameter's name in the (unwrapped) model."""
+    parameter: nn.Parameter
+    optimizer: Optional[KeyedOptimizer]
+    """The unfused optimizer that updates it (its state is reset where masks change)."""
+
+    replicated = True
+    row_offset = col_offset = 0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.parameter.data.view(self.num_rows, self.num_cols)
+
+    @property
+    def num_rows(self) -> int:
+        return self.parameter.shape[0]
+
+    @property
+    def num_cols(self) -> int:
+        return self.parameter[0].numel()
+
+    table_rows, table_cols = num_rows, num_cols
+
+    def optimizer_states(self) -> list[torch.Tensor]:
+        """Views of the optimizer's per-weight state (Adagrad sums, Adam moments)."""
+        state = self.optimizer.state.get(self.parameter, {}) if self.optimizer else {}
+        return [t.view(self.num_rows, self.num_cols) for t in state.values()
+                if isinstance(t, torch.Tensor) and t.numel() == self.parameter.numel()]
+
+    def gradient(self) -> torch.Tensor | None:
+        grad = self.parameter.grad
+        return None if grad is None else grad.view(self.num_rows, self.num_cols)
+
+
+WeightBlock = Union[TableShard, DenseBlock]
+
+
+def dense_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters of a (DMP-wrapped) model that are not embedding tables, by their name in
+    the plain model."""
+    module = getattr(model, "module", model)
+    return {name: p for name, p in module.named_parameters() if "embedding_bags" not in name}
+
+
+def dense_blocks(model: nn.Module, patterns: list[str],
+                 optimizer: Optional[KeyedOptimizer]) -> list[DenseBlock]:
+    """The dense parameters whose names match any of the glob `patterns` (e.g. `tower.*`), as
+    blocks; a pattern that matches none is refused (`sparsity.dense_parameters`)."""
+    params = dense_parameters(model)
+    for pattern in patterns:
+        if not fnmatch.filter(params, pattern):
+            raise ConfigError(f"sparsity.dense_parameters={list(patterns)!r}: {pattern!r} matches "
+                              f"no dense parameter; the model has {sorted(params) or 'none'}")
+    return [DenseBlock(name, p, optimizer) for name, p in sorted(params.items())
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
 
 
 def embedding_kernels(model: nn.Module) -> list[BaseBatchedEmbeddingBag]:

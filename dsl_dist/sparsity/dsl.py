@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,7 +24,7 @@ from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from dsl_dist.config import ConfigError, SparsityConfig
 from dsl_dist.control.controller import CollectiveController, Controller
 from dsl_dist.distributed import DistContext
-from dsl_dist.model.shards import local_table_shards
+from dsl_dist.model.shards import DenseBlock, local_table_shards
 from dsl_dist.sparsity.growth import GrowthRecorder
 from dsl_dist.sparsity.masks import MaskedShard, uniform_hash
 from dsl_dist.sparsity.schedule import UpdateSchedule
@@ -57,27 +57,30 @@ class Group:
 
 
 class DynamicSparseTraining:
-    """Masks, schedule and drop-and-grow for the embedding tables of one sharded model."""
+    """Masks, schedule and drop-and-grow for the embedding tables of one sharded model, and
+    the dense parameters in `dense` (each treated as a table of its own name)."""
 
     def __init__(self, cfg: SparsityConfig, model: nn.Module, tables: list[BaseEmbeddingConfig],
                  ctx: DistContext, total_steps: int, seed: int,
+                 dense: Sequence[DenseBlock] = (),
                  scoring: Optional[MagnitudeGradientScoring] = None,
                  connect: Optional[ConnectController] = None) -> None:
-        sizes = {t.name: t.num_embeddings * t.embedding_dim for t in tables}
-        unknown = sorted(set(cfg.tables) - set(sizes))
+        shapes = {t.name: (t.num_embeddings, t.embedding_dim) for t in tables}
+        unknown = sorted(set(cfg.tables) - set(shapes))
         if unknown:
             raise ConfigError(f"sparsity.tables={cfg.tables!r}: no table(s) {unknown}; the model "
-                              f"has {sorted(sizes)}")
-        names = sorted(cfg.tables or sizes)
+                              f"has {sorted(shapes)}")
+        shapes.update({b.table: (b.num_rows, b.num_cols) for b in dense})
+        sizes = {name: rows * cols for name, (rows, cols) in shapes.items()}
+        names = sorted([*(cfg.tables or [t.name for t in tables]), *(b.table for b in dense)])
         bases = dict(zip(sorted(sizes), [sum(sizes[n] for n in sorted(sizes)[:i])
                                          for i in range(len(sizes))]))
         self.cfg, self.ctx, self.seed = cfg, ctx, seed
         self.table_sizes = {n: sizes[n] for n in names}
-        self.table_shapes = {t.name: (t.num_embeddings, t.embedding_dim) for t in tables
-                             if t.name in names}
+        self.table_shapes = {n: shapes[n] for n in names}
         self.position_bits = max(1, sum(sizes.values()).bit_length())
         self.scoring = scoring or MagnitudeGradientScoring()
-        self.shards = [MaskedShard(s, bases[s.table]) for s in local_table_shards(model)
+        self.shards = [MaskedShard(s, bases[s.table]) for s in [*local_table_shards(model), *dense]
                        if s.table in names]
         groups = [tuple(names)] if cfg.scope == "global" else [(n,) for n in names]
         self.groups = [Group(g, round(cfg.density * sum(sizes[n] for n in g))) for g in groups]

@@ -38,11 +38,12 @@ class GrowthRecorder:
         self.mask_gradients = mask_gradients
         self.capturing = False
         self.replicated = [s for s in shards if s.shard.replicated]
+        sharded = [s for s in shards if not s.shard.replicated]
         self._touched: dict[int, list[torch.Tensor]] = defaultdict(list)
         # Per kernel, its features in output-column order: (width, the sparsified shard or None).
         self._columns: dict[int, dict[str, tuple[int, MaskedShard | None]]] = {}
-        kernels = {id(s.shard.kernel): s.shard.kernel for s in shards if not s.shard.replicated}
-        masked = {(id(s.shard.kernel), s.shard.index): s for s in shards}
+        kernels = {id(s.shard.kernel): s.shard.kernel for s in sharded}
+        masked = {(id(s.shard.kernel), s.shard.index): s for s in sharded}
         for key, kernel in kernels.items():
             self._columns[key] = {
                 feature: (table.local_cols, masked.get((key, index)))

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from dsl_dist.model.shards import TableShard
+from dsl_dist.model.shards import WeightBlock
 
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # splitmix64 constants as signed int64
 _MIX_1 = 0xBF58476D1CE4E5B9 - (1 << 64)
@@ -33,7 +33,7 @@ def uniform_hash(positions: torch.Tensor, seed: int) -> torch.Tensor:
 class MaskedShard:
     """A table shard with its mask and the state drop-and-grow keeps about it."""
 
-    shard: TableShard
+    shard: WeightBlock
     base: int
     """Global position of the table's first weight."""
     mask: torch.Tensor = field(init=False)

@@ -1,0 +1,134 @@
+"""LightGCN (He et al., 2020) on sharded embedding tables, propagated in one of two ways.
+
+LightGCN is linear: the final embedding of node v is e(v) = Σ_x P[v, x] e0(x) with the fixed
+matrix P = Σ_k α_k Â^k (α_k = 1/(K+1), Â the normalised user-item adjacency). So:
+
+- `bags` (scales with sharded tables): each node's row of P − α_0·I, split into a user-table
+  part and an item-table part and truncated to its `max_neighbours` largest weights, is
+  precomputed once (dsl_dist/data/graph.py) and looked up as two weighted EmbeddingBags, plus
+  the node's own row (weight α_0). A step costs batch × 2·max_neighbours row lookups and only
+  those rows are updated, wherever the tables live; with max_neighbours=0 (every weight kept)
+  it is exact, but P's rows are long (3 hops reach most of the graph).
+- `full` (exact; the tables and the graph must fit on each rank): every step looks up both
+  whole tables through the sharded collection and propagates them over the graph, as the
+  reference implementation does; every row gets a gradient and is updated.
+
+The L2 penalty is on the batch's layer-0 (own) embeddings, as in LightGCN's code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+
+from dsl_dist.data.graph import PropagationBags, propagate
+from dsl_dist.data.stream import ITEM_FEATURE, USER_FEATURE, negative_feature_names
+from dsl_dist.model.base import Recommender, collection_keys, feature_batch, ones
+from dsl_dist.model.mf import ITEM_TABLE, USER_TABLE, bpr_loss
+
+_USERS, _ITEMS = ".users", ".items"  # feature suffixes: a node's bag over each table
+
+
+class LightGCN(Recommender):
+    """BPR-trained LightGCN; `graph` is a PropagationBags (bags) or the normalised adjacency
+    (full), kept as a plain attribute: it is data, not a parameter or a buffer."""
+
+    def __init__(self, num_users: int, num_items: int, embedding_dim: int, num_negatives: int,
+                 l2_reg: float, num_layers: int, graph: PropagationBags | torch.Tensor,
+                 device: torch.device = torch.device("meta")) -> None:
+        super().__init__()
+        self.num_users, self.num_items = num_users, num_items
+        self.num_negatives, self.l2_reg, self.num_layers = num_negatives, l2_reg, num_layers
+        self.graph = graph
+        self.bags = isinstance(graph, PropagationBags)
+        self.negative_features = negative_feature_names(num_negatives)
+        roles = [USER_FEATURE, ITEM_FEATURE, *self.negative_features]
+        user_features, item_features = [USER_FEATURE], [ITEM_FEATURE, *self.negative_features]
+        if self.bags:
+            user_features += [role + _USERS for role in roles]
+            item_features += [role + _ITEMS for role in roles]
+        self.embeddings = EmbeddingBagCollection(
+            tables=[EmbeddingBagConfig(name=USER_TABLE, embedding_dim=embedding_dim,
+                                       num_embeddings=num_users, feature_names=user_features),
+                    EmbeddingBagConfig(name=ITEM_TABLE, embedding_dim=embedding_dim,
+                                       num_embeddings=num_items, feature_names=item_features)],
+            is_weighted=self.bags, device=device)
+        self.keys = collection_keys(self.embeddings)
+
+    def _graph_on(self, device: torch.device) -> PropagationBags | torch.Tensor:
+        if self.bags:
+            return self.graph
+        if self.graph.device != device:
+            self.graph = self.graph.to(device)
+        return self.graph
+
+    def _propagated_bags(self, nodes: dict[str, torch.Tensor]
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Final and layer-0 embeddings of `nodes` ({role: ids}; the user role's ids are
+        users, the others items), all of the same length."""
+        bags: PropagationBags = self.graph
+        stride = len(next(iter(nodes.values())))
+        parts = {}
+        for role, ids in nodes.items():
+            to_users, to_items = ((bags.user_to_users, bags.user_to_items) if role == USER_FEATURE
+                                  else (bags.item_to_users, bags.item_to_items))
+            parts[role] = (ones(len(ids), ids.device), ids, None)
+            parts[role + _USERS] = _on(to_users.gather(ids.cpu()), ids.device)
+            parts[role + _ITEMS] = _on(to_items.gather(ids.cpu()), ids.device)
+        out = self.embeddings(feature_batch(self.keys, stride, parts, weighted=True))
+        ego = {role: out[role] for role in nodes}
+        final = {role: bags.self_weight * ego[role] + out[role + _USERS] + out[role + _ITEMS]
+                 for role in nodes}
+        return final, ego
+
+    def _propagated_full(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final, layer-0) embeddings of all nodes, users first: one lookup of every row of
+        both tables (bag j of `user` holds user j, bag num_users + i of `item` holds item i,
+        so the two pooled outputs add up to the stacked tables)."""
+        n = self.num_users + self.num_items
+        user_lengths = (torch.arange(n, device=device) < self.num_users).to(torch.int32)
+        batch = feature_batch(self.keys, n, {
+            USER_FEATURE: (user_lengths, torch.arange(self.num_users, device=device), None),
+            ITEM_FEATURE: (1 - user_lengths, torch.arange(self.num_items, device=device), None)})
+        out = self.embeddings(batch)
+        ego = out[USER_FEATURE] + out[ITEM_FEATURE]
+        return propagate(self._graph_on(device), ego, self.num_layers), ego
+
+    def forward(self, batch: KeyedJaggedTensor) -> torch.Tensor:
+        users, items = batch[USER_FEATURE].values(), batch[ITEM_FEATURE].values()
+        negatives = [batch[f].values() for f in self.negative_features]
+        if self.bags:
+            final, ego = self._propagated_bags(
+                dict(zip([USER_FEATURE, ITEM_FEATURE, *self.negative_features],
+                         [users, items, *negatives])))
+            scored = [final[USER_FEATURE], final[ITEM_FEATURE],
+                      torch.stack([final[f] for f in self.negative_features], 1)]
+            own = [ego[USER_FEATURE], ego[ITEM_FEATURE],
+                   torch.stack([ego[f] for f in self.negative_features], 1)]
+        else:
+            final, ego = self._propagated_full(users.device)
+            rows = [users, items + self.num_users,
+                    torch.stack(negatives, 1) + self.num_users]
+            scored, own = [final[r] for r in rows], [ego[r] for r in rows]
+        return bpr_loss(*scored, self.l2_reg, regularised=own)
+
+    @torch.no_grad()
+    def item_side(self, device: torch.device, chunk: int) -> torch.Tensor:
+        """Final embeddings of all items (bags), or of all nodes (full)."""
+        if not self.bags:
+            return self._propagated_full(device)[0]
+        ids = torch.arange(self.num_items, device=device)
+        return torch.cat([self._propagated_bags({ITEM_FEATURE: part})[0][ITEM_FEATURE]
+                          for part in ids.split(chunk)])
+
+    @torch.no_grad()
+    def score(self, items: torch.Tensor, users: torch.Tensor,
+              history: KeyedJaggedTensor) -> torch.Tensor:
+        if not self.bags:
+            return items[users] @ items[self.num_users:].T
+        return self._propagated_bags({USER_FEATURE: users})[0][USER_FEATURE] @ items.T
+
+
+def _on(bag: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(t.to(device) for t in bag)  # type: ignore[return-value]
