@@ -126,6 +126,29 @@ def test_matches_sorted_reference_with_ties(largest: bool) -> None:
 
 
 @pytest.mark.parametrize("largest", [True, False])
+def test_positions_computed_on_demand_choose_the_same_and_only_for_ties(largest: bool) -> None:
+    generator = torch.Generator().manual_seed(7)
+    for trial in range(60):
+        n = int(torch.randint(1, 300, (1,), generator=generator))
+        scores = tied_scores(n, generator)
+        positions = unique_positions(n, generator, 20)
+        asked: list[torch.Tensor] = []
+
+        def positions_of(index: torch.Tensor) -> torch.Tensor:
+            asked.append(index)
+            return positions[index]
+
+        for k in sorted({1, n // 2, n - 1}):
+            asked.clear()
+            lazy = select_extreme(scores, positions_of, k, largest=largest,
+                                  reduce_counts=local_counts, position_bits=20)
+            assert torch.equal(lazy, reference(scores, positions, k, largest)), (trial, n, k)
+            for index in asked:  # only candidates tied at the threshold score
+                assert len(set(scores[index].tolist())) == 1
+                assert int((scores == scores[index[0]]).sum()) == len(index)
+
+
+@pytest.mark.parametrize("largest", [True, False])
 def test_matches_topk_on_distinct_values(largest: bool) -> None:
     generator = torch.Generator().manual_seed(1)
     scores = (torch.randn(100_000, generator=generator) * 10.0 ** torch.randint(

@@ -117,9 +117,19 @@ class DynamicSparseTraining:
         device = self.ctx.device
         flat_scores = torch.cat([scores(s).view(-1).index_select(0, idx) for s, idx in offered]
                                 or [torch.empty(0, device=device)])
-        tie_keys = torch.cat([s.positions_at(idx) for s, idx in offered] or
-                             [torch.empty(0, dtype=torch.int64, device=device)])
-        tie_keys.mul_(_TIE_SCRAMBLE).bitwise_and_((1 << self.position_bits) - 1)
+
+        def tie_keys(tied: torch.Tensor) -> torch.Tensor:
+            """Tie-break keys of the candidates at `tied` (ascending indices into
+            flat_scores): a fixed permutation of their global positions, computed only for
+            the candidates tied at the threshold."""
+            ends = torch.tensor([idx.numel() for _, idx in offered], device=device).cumsum(0)
+            cuts = [0, *torch.searchsorted(tied, ends).tolist()]
+            keys = torch.cat([s.positions_at(idx[tied[a:b] - (end - idx.numel())])
+                              for (s, idx), a, b, end in zip(offered, cuts, cuts[1:],
+                                                              ends.tolist())]
+                             or [tied.new_empty(0)])
+            return keys.mul_(_TIE_SCRAMBLE).bitwise_and_((1 << self.position_bits) - 1)
+
         chosen = select_extreme(flat_scores, tie_keys, k, largest=largest,
                                 reduce_counts=self.controller.reduce_counts,
                                 position_bits=self.position_bits)
@@ -179,9 +189,10 @@ class DynamicSparseTraining:
                     continue
                 drop, grow = dropped[id(s)], grown[id(s)]
                 new_mask = (s.mask & ~drop) | grow
-                if self._offers(s):
-                    moved += torch.tensor([int(drop.sum()), int(grow.sum()),
-                                           int((grow & (s.ever_dropped | drop)).sum())])
+                if self._offers(s):  # count_nonzero: bool sum() is ~20x slower
+                    moved += torch.tensor([int(torch.count_nonzero(drop)),
+                                           int(torch.count_nonzero(grow)),
+                                           int(torch.count_nonzero(grow & (s.ever_dropped | drop)))])
                 if self.cfg.reset_optimizer_state:
                     self._reset_optimizer_state(s, new_mask)
                 s.ever_dropped |= drop
@@ -210,9 +221,9 @@ class DynamicSparseTraining:
         revived_rows = ~shard.mask.any(1) & new_mask.any(1)
         for state in shard.shard.optimizer_states():
             if state.numel() == changed.numel():
-                state.view_as(changed)[changed] = 0
+                state.view_as(changed).masked_fill_(changed, 0)
             elif state.numel() == changed.shape[0]:
-                state.view(-1)[revived_rows] = 0
+                state.view(-1).masked_fill_(revived_rows, 0)
 
     def active_per_table(self) -> tuple[dict[str, int], str]:
         """Active weights of each sparsified table, summed over the cluster, and a digest of
@@ -222,8 +233,8 @@ class DynamicSparseTraining:
         local = torch.zeros(len(names) + 1, dtype=torch.int64)
         for s in self.shards:
             if self._offers(s):
-                local[names.index(s.table)] += int(s.mask.sum())
                 active = s.positions_at(torch.nonzero(s.mask.view(-1)).view(-1))
+                local[names.index(s.table)] += active.numel()
                 hashes = (active * _TIE_SCRAMBLE) >> (64 - _DIGEST_BITS)
                 local[-1] += int((hashes & ((1 << _DIGEST_BITS) - 1)).sum())
         total = self.controller.reduce_counts(local)

@@ -69,13 +69,15 @@ class GrowthRecorder:
             if shard is not None:
                 ids = values[offsets[f]:offsets[f + 1]].long()
                 columns_f = slice(column, column + width)
-                if self.mask_gradients and ids.numel() == batch and bool((lengths[f] == 1).all()):
+                single = ids.numel() == batch and bool((lengths[f] == 1).all())
+                if self.mask_gradients and single:
                     masked.append((ids, columns_f, shard))
                 else:
                     self._touched[id(shard)].append(ids)
-                if self.capturing:
-                    bags = torch.repeat_interleave(torch.arange(batch, device=ids.device),
-                                                   lengths[f])
+                if self.capturing:  # bags: the sample of each id (None: sample i holds id i)
+                    bags = None if single else torch.repeat_interleave(
+                        torch.arange(batch, device=ids.device), lengths[f],
+                        output_size=ids.numel())
                     sample_weights = None if weights is None else weights[offsets[f]:offsets[f + 1]]
                     parts[id(shard)].append((ids, bags, columns_f, sample_weights))
                     targets[id(shard)] = shard
@@ -89,9 +91,9 @@ class GrowthRecorder:
         """Records growth from the full gradient, then returns it with the single-id lookups'
         pruned positions zeroed (the gradient the fused optimizer applies)."""
         for key, pieces in parts.items():
-            ids = torch.cat([p[0] for p in pieces])
-            grads = torch.cat([grad[bags, columns] if w is None else grad[bags, columns] * w[:, None]
-                               for _, bags, columns, w in pieces])
+            ids = _cat([p[0] for p in pieces])
+            grads = _cat([_sample_gradients(grad, bags, columns, w)
+                          for _, bags, columns, w in pieces])
             rows, inverse = torch.unique(ids, return_inverse=True)
             row_grad = torch.zeros(len(rows), grads.shape[1], dtype=torch.float32,
                                    device=grads.device).index_add_(0, inverse, grads.float())
@@ -119,3 +121,14 @@ class GrowthRecorder:
         than sorting the ids)."""
         ids = self._touched.pop(id(shard), [])
         return torch.cat(ids) if ids else torch.empty(0, dtype=torch.int64)
+
+
+def _sample_gradients(grad: torch.Tensor, bags: torch.Tensor | None, columns: slice,
+                      weights: torch.Tensor | None) -> torch.Tensor:
+    """The gradient reaching each looked-up id: its bag's pooled gradient (times its weight)."""
+    sampled = grad[:, columns] if bags is None else grad[bags, columns]
+    return sampled if weights is None else sampled * weights[:, None]
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)

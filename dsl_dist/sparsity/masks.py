@@ -82,6 +82,5 @@ class MaskedShard:
         elif rows.numel():
             # index_select/index_copy_ is ~3x faster than advanced indexing here; repeated
             # rows copy identical values, so their order does not matter.
-            block = weight.index_select(0, rows)
-            block.masked_fill_(self.mask.index_select(0, rows).logical_not_(), 0.0)
-            weight.index_copy_(0, rows, block)
+            weight.index_copy_(0, rows, torch.where(self.mask.index_select(0, rows),
+                                                    weight.index_select(0, rows), 0.0))

@@ -19,6 +19,8 @@ import torch.distributed as dist
 
 CountReducer = Callable[[torch.Tensor], torch.Tensor]
 """Sums an int64 count tensor (same shape on every rank) over all ranks."""
+PositionsOf = Callable[[torch.Tensor], torch.Tensor]
+"""The positions of the candidates at some indices (into the scores), computed on demand."""
 
 DIGIT_BITS = 8
 BINS = 1 << DIGIT_BITS
@@ -111,8 +113,8 @@ def _bin_bounds(shift: int, prefix: int, offset: int) -> tuple[int, int]:
     return (prefix << shift) - offset, ((prefix + 1) << shift) - 1 - offset
 
 
-def select_extreme(scores: torch.Tensor, positions: torch.Tensor, k: int, *, largest: bool,
-                   reduce_counts: CountReducer,
+def select_extreme(scores: torch.Tensor, positions: torch.Tensor | PositionsOf, k: int, *,
+                   largest: bool, reduce_counts: CountReducer,
                    position_bits: int = MAX_POSITION_BITS) -> torch.Tensor:
     """Marks this rank's candidates among the k largest (or smallest) scores of all ranks.
 
@@ -121,7 +123,9 @@ def select_extreme(scores: torch.Tensor, positions: torch.Tensor, k: int, *, lar
 
     scores: (n,) float32 (float16/bfloat16 are widened exactly; NaN is refused).
     positions: (n,) integer global positions, unique across all ranks, in
-        [0, 2**position_bits) (position_bits <= 62).
+        [0, 2**position_bits) (position_bits <= 62); or a function from candidate indices to
+        their positions, called only for the candidates tied at the threshold (when computing
+        every position costs more than the selection; its range is then not checked).
     k: how many candidates to select over all ranks, 0 <= k <= the global number of
         candidates.
 
@@ -147,12 +151,14 @@ def select_extreme(scores: torch.Tensor, positions: torch.Tensor, k: int, *, lar
     a byte per round over the candidates still in the running, final comparisons); about
     50-300 ms for n = 10 million on 2 CPU cores, against 170-700 ms for `torch.topk`.
     """
-    if scores.dim() != 1 or positions.shape != scores.shape:
+    lazy = callable(positions)
+    if scores.dim() != 1 or (not lazy and positions.shape != scores.shape):
         raise ValueError(f"select_extreme: scores {tuple(scores.shape)} and positions "
                          f"{tuple(positions.shape)} must be 1-D of the same length")
     if not scores.is_floating_point() or scores.element_size() > 4:
         raise TypeError(f"select_extreme: scores must be float32 (or narrower), not {scores.dtype}")
-    if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+    if not lazy and (positions.is_floating_point() or positions.is_complex()
+                     or positions.dtype == torch.bool):
         raise TypeError(f"select_extreme: positions must be integers, not {positions.dtype}")
     if not 0 <= position_bits <= MAX_POSITION_BITS:
         raise ValueError(f"select_extreme: position_bits={position_bits} outside "
@@ -160,17 +166,21 @@ def select_extreme(scores: torch.Tensor, positions: torch.Tensor, k: int, *, lar
     if k < 0:
         raise ValueError(f"select_extreme: k={k} is negative")
     scores = scores.float()
-    positions = positions.to(torch.int64)
+    positions_of: PositionsOf = (positions if lazy else  # type: ignore[assignment]
+                                 positions.to(torch.int64).__getitem__)
     device = scores.device
 
     header = [0] * _HEADER_SIZE
     if scores.numel():
-        smallest_position, largest_position = (int(v) for v in torch.aminmax(positions))
         header[0] = scores.numel()
         if bool(scores.sum().isnan()):  # a cheap pass first: NaN propagates through sums
             header[1] = int(torch.isnan(scores).sum())
-        header[2] = int(smallest_position < 0 or largest_position >= 1 << position_bits)
-        header[_HEADER + min(max(largest_position, 0).bit_length(), MAX_POSITION_BITS)] = 1
+        if lazy:
+            header[_HEADER + position_bits] = 1
+        else:
+            smallest_position, largest_position = (int(v) for v in torch.aminmax(positions))
+            header[2] = int(smallest_position < 0 or largest_position >= 1 << position_bits)
+            header[_HEADER + min(max(largest_position, 0).bit_length(), MAX_POSITION_BITS)] = 1
     header = reduce_counts(torch.tensor(header, dtype=torch.int64, device=device)).tolist()
     total, nans, ranks_out_of_range = header[:_HEADER]
     if nans:
@@ -193,7 +203,7 @@ def select_extreme(scores: torch.Tensor, positions: torch.Tensor, k: int, *, lar
     # take the `needed` of smallest position.
     chosen = keys > low if largest else keys < low
     tied_index = torch.nonzero(keys == low).flatten()
-    tied_positions = positions[tied_index]
+    tied_positions = positions_of(tied_index).to(torch.int64)
     bits = max(b for b in range(MAX_POSITION_BITS + 1) if header[_HEADER + b]) or 1
     shift, prefix, needed, tied = _radix_select(tied_positions, tied, needed, bits, False, False,
                                                 reduce_counts)
