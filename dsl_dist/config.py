@@ -239,6 +239,9 @@ class SparsityConfig:
     growth: str = "last_batch"
     """Growth signal: last_batch (the paper: |gradient| of the mini-batch before the update) or
     accumulated (|gradient| summed over the delta_t steps since the last update)."""
+    growth_every: int = 1
+    """accumulated: sum the |gradient| of every this many steps only (and of the update step):
+    a sample of the window, which costs 1/growth_every of recording every step."""
     tables: list[str] = field(default_factory=list)
     """Tables to sparsify; empty: every embedding table."""
     dense_parameters: list[str] = field(default_factory=list)
@@ -268,6 +271,8 @@ class SparsityConfig:
                  "must be global or per_table", self.scope)
         _require(self.growth in ("last_batch", "accumulated"), "sparsity.growth",
                  "must be last_batch or accumulated", self.growth)
+        _require(self.growth_every >= 1, "sparsity.growth_every", "must be >= 1",
+                 self.growth_every)
 
 
 @dataclass

@@ -53,6 +53,7 @@ def test_unknown_key_and_wrong_type_are_refused() -> None:
     ("sparsity=dsl sparsity.zeta_0=1.2", "sparsity.zeta_0"),
     ("sparsity=dsl train.max_steps=100 sparsity.t_end=101", "sparsity.t_end"),
     ("sparsity=dsl sparsity.scope=everywhere", "sparsity.scope"),
+    ("sparsity=dsl sparsity.growth_every=0", "sparsity.growth_every"),
     ("control.controller=zookeeper", "control.controller"),
     ("ray.num_workers=0", "ray.num_workers"),
     ("ray.cpus_per_worker=0", "ray.cpus_per_worker"),

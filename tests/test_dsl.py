@@ -17,7 +17,8 @@ from test_training import SHARDING_TYPES, run_cli
 NUM_USERS, NUM_ITEMS, DIM = 30, 50, 8
 
 
-def build(sharding_type: str, optimizer: str = "rowwise_adagrad", scope: str = "global"):
+def build(sharding_type: str, optimizer: str = "rowwise_adagrad", scope: str = "global",
+          **sparsity: object):
     from dsl_dist.config import ModelConfig, SparsityConfig, TrainConfig
     from dsl_dist.distributed import init_distributed
     from dsl_dist.model.mf import MatrixFactorization
@@ -31,7 +32,8 @@ def build(sharding_type: str, optimizer: str = "rowwise_adagrad", scope: str = "
     model = shard_model(module, ModelConfig(sharding_type=sharding_type, embedding_dim=DIM),
                         TrainConfig(optimizer=optimizer, lr=0.1), ctx)
     init_normal_(local_table_shards(model), 0.1, 0)
-    dsl = DynamicSparseTraining(SparsityConfig(name="dsl", density=0.3, delta_t=1, scope=scope),
+    dsl = DynamicSparseTraining(SparsityConfig(**{"name": "dsl", "density": 0.3, "delta_t": 1,
+                                                  "scope": scope, **sparsity}),
                                 model, tables, ctx, total_steps=10, seed=0)
     return ctx, model, dsl
 
@@ -237,3 +239,24 @@ def test_full_density_trains_exactly_like_dense(clustered_source: Path, tmp_path
     updates = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text()
                .splitlines() if '"update"' in line]
     assert updates and all(u["dropped"] == u["grown"] == u["regrown"] > 0 for u in updates)
+
+
+def capturing_steps() -> dict:
+    from dsl_dist.distributed import shutdown_distributed
+
+    steps = {}
+    for growth, every in (("accumulated", 1), ("accumulated", 3), ("last_batch", 3)):
+        _, _, dsl = build("table_wise", growth=growth, growth_every=every, delta_t=5)
+        steps[f"{growth}/{every}"] = [t for t in range(1, 11) if dsl.before_step(t) is None
+                                      and dsl.recorder.capturing]
+        shutdown_distributed()
+    return steps
+
+
+@pytest.mark.multiprocess
+def test_growth_is_recorded_on_the_steps_it_needs(tmp_path: Path) -> None:
+    steps = run_ranks(capturing_steps, 1, tmp_path)[0]
+    assert steps["accumulated/1"] == list(range(1, 11))
+    # every 3rd step, and the update step (5; none at the run's last step, 10)
+    assert steps["accumulated/3"] == [3, 5, 6, 9]
+    assert steps["last_batch/3"] == [5]

@@ -25,7 +25,7 @@ from dsl_dist.config import ConfigError, SparsityConfig
 from dsl_dist.control.controller import CollectiveController, Controller
 from dsl_dist.distributed import DistContext
 from dsl_dist.model.shards import DenseBlock, local_table_shards
-from dsl_dist.sparsity.growth import GrowthRecorder
+from dsl_dist.sparsity.growth import GrowthRecorder, concat
 from dsl_dist.sparsity.masks import MaskedShard, uniform_hash
 from dsl_dist.sparsity.schedule import UpdateSchedule
 from dsl_dist.sparsity.selection import select_extreme
@@ -115,8 +115,8 @@ class DynamicSparseTraining:
         offered = [(s, torch.nonzero(candidates(s).view(-1)).view(-1))
                    for s in members if self._offers(s)]
         device = self.ctx.device
-        flat_scores = torch.cat([scores(s).view(-1).index_select(0, idx) for s, idx in offered]
-                                or [torch.empty(0, device=device)])
+        flat_scores = concat([scores(s).view(-1).index_select(0, idx) for s, idx in offered]
+                             or [torch.empty(0, device=device)])
 
         def tie_keys(tied: torch.Tensor) -> torch.Tensor:
             """Tie-break keys of the candidates at `tied` (ascending indices into
@@ -134,9 +134,9 @@ class DynamicSparseTraining:
                                 reduce_counts=self.controller.reduce_counts,
                                 position_bits=self.position_bits)
         result, start = {}, 0
-        for s, idx in offered:
+        for s, idx in offered:  # scatter, not chosen's indices: no nonzero() pass
             picked = torch.zeros_like(s.mask)
-            picked.view(-1)[idx[chosen[start:start + idx.numel()]]] = True
+            picked.view(-1).scatter_(0, idx, chosen[start:start + idx.numel()])
             start += idx.numel()
             result[id(s)] = picked
         for s in members:
@@ -161,8 +161,9 @@ class DynamicSparseTraining:
     def before_step(self, step: int) -> None:
         """Called before training step `step` (counted from 1): record gradients if the
         growth signal needs this step."""
-        self.recorder.capturing = (self.cfg.growth == "accumulated" or
-                                   self.schedule.is_update_step(step))
+        self.recorder.capturing = (
+            (self.cfg.growth == "accumulated" and step % self.cfg.growth_every == 0)
+            or self.schedule.is_update_step(step))
 
     def after_backward(self) -> None:
         self.recorder.after_backward()

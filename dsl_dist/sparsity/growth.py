@@ -91,8 +91,8 @@ class GrowthRecorder:
         """Records growth from the full gradient, then returns it with the single-id lookups'
         pruned positions zeroed (the gradient the fused optimizer applies)."""
         for key, pieces in parts.items():
-            ids = _cat([p[0] for p in pieces])
-            grads = _cat([_sample_gradients(grad, bags, columns, w)
+            ids = concat([p[0] for p in pieces])
+            grads = concat([_sample_gradients(grad, bags, columns, w)
                           for _, bags, columns, w in pieces])
             rows, inverse = torch.unique(ids, return_inverse=True)
             row_grad = torch.zeros(len(rows), grads.shape[1], dtype=torch.float32,
@@ -102,7 +102,7 @@ class GrowthRecorder:
             return grad
         grad = grad.clone()
         for ids, columns, shard in masked:
-            grad[:, columns] *= shard.mask.index_select(0, ids)
+            grad[:, columns] *= shard.keep.index_select(0, ids)
         return grad
 
     @torch.no_grad()
@@ -130,5 +130,6 @@ def _sample_gradients(grad: torch.Tensor, bags: torch.Tensor | None, columns: sl
     return sampled if weights is None else sampled * weights[:, None]
 
 
-def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+def concat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat, without copying a single tensor."""
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)

