@@ -187,11 +187,17 @@ def test_user_items_partition_the_split(dataset: Path, split: str,
     assert merged == expected
 
 
+def tiny_dataset(directory: Path, train: str, test: str) -> Path:
+    """A prepared data set of LightGCN-format train and test lines."""
+    (directory / "train.txt").write_text(train)
+    (directory / "test.txt").write_text(test)
+    prepare_dataset({"train": directory / "train.txt", "test": directory / "test.txt"},
+                    directory / "ds", name="t")
+    return directory / "ds"
+
+
 def test_user_items_of_users_without_rows(tmp_path: Path) -> None:
-    (tmp_path / "train.txt").write_text("0 1 2\n1 0\n2 2\n")
-    (tmp_path / "test.txt").write_text("0 0\n2 1\n")
-    prepare_dataset({"train": tmp_path / "train.txt", "test": tmp_path / "test.txt"},
-                    tmp_path / "ds", name="t")
+    tiny_dataset(tmp_path, "0 1 2\n1 0\n2 2\n", "0 0\n2 1\n")
     rank1 = read_user_items(tmp_path / "ds", "test", rank=1, world_size=2)
     assert rank1.users.tolist() == [] and rank1.indptr.tolist() == [0]
     rank0 = read_user_items(tmp_path / "ds", "test", rank=0, world_size=2)
@@ -200,10 +206,7 @@ def test_user_items_of_users_without_rows(tmp_path: Path) -> None:
 
 
 def test_user_items_gather_handles_absent_users(tmp_path: Path) -> None:
-    (tmp_path / "train.txt").write_text("0 1 2\n1 0\n3 2 0 1\n")
-    (tmp_path / "test.txt").write_text("0 0\n")
-    prepare_dataset({"train": tmp_path / "train.txt", "test": tmp_path / "test.txt"},
-                    tmp_path / "ds", name="t")
+    tiny_dataset(tmp_path, "0 1 2\n1 0\n3 2 0 1\n", "0 0\n")
     train = read_user_items(tmp_path / "ds", "train", rank=1, world_size=2)
     assert train.users.tolist() == [1]  # of the users 0, 1, 2 (raw 0, 1, 3)
     counts, items = train.gather(np.array([1, 2, 0, 1]))
