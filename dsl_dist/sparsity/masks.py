@@ -75,9 +75,10 @@ class MaskedShard:
 
     @torch.no_grad()
     def apply_(self, rows: torch.Tensor | None = None) -> None:
-        """Zeroes the pruned weights, of `rows` only (local indices) or of the whole shard."""
+        """Zeroes the pruned weights, of `rows` only (local indices, repeats allowed) or of the
+        whole shard."""
         weight = self.shard.weight
-        if rows is None:
+        if rows is None or 2 * rows.numel() >= len(weight):  # one pass over all rows is cheaper
             weight.mul_(self.keep)
         elif rows.numel():
             # index_select/index_copy_ is ~3x faster than advanced indexing here, and
