@@ -4,7 +4,7 @@ Workers never decide alone what moves. At an update they ask the controller how 
 each group moves (`plan`), exchange the counts of every selection round through it
 (`reduce_counts`: per-rank histograms in, their sum out, from which every rank takes the same
 threshold decision) and report the outcome (`record`). Only count vectors cross to the
-controller: O(ranks × rounds × 256) integers per update, never a weight or a gradient.
+controller: O(ranks × rounds × 65536) integers per update, never a weight or a gradient.
 
 One interface, two transports: `CollectiveController` below (torch.distributed; every rank
 holds an identical replica, so torchrun needs no other service) and `RayController`

@@ -112,7 +112,7 @@ class RayController:
     def reduce_counts(self, counts: torch.Tensor) -> torch.Tensor:
         round_id, self._next_round = self._next_round, self._next_round + 1
         total = ray.get(self.actor.reduce.remote(self.session, round_id, counts.cpu().numpy()))
-        return torch.from_numpy(total).to(counts.device)
+        return torch.tensor(total, device=counts.device)  # a copy: Ray's large arrays are read-only
 
     def record(self, update: dict[str, Any]) -> None:
         ray.get(self.actor.record.remote(update))

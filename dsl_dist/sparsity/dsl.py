@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -25,6 +26,7 @@ from dsl_dist.config import ConfigError, SparsityConfig
 from dsl_dist.control.controller import CollectiveController, Controller
 from dsl_dist.distributed import DistContext
 from dsl_dist.model.shards import DenseBlock, local_table_shards
+from dsl_dist.sparsity.fastops import any_per_row, compress, flat_nonzero
 from dsl_dist.sparsity.growth import GrowthRecorder, concat
 from dsl_dist.sparsity.masks import MaskedShard, uniform_hash
 from dsl_dist.sparsity.schedule import UpdateSchedule
@@ -107,38 +109,45 @@ class DynamicSparseTraining:
         return not shard.shard.replicated or self.ctx.is_main
 
     def _select(self, group: Group, k: int, *, largest: bool, scores: Any,
-                candidates: Any) -> dict[int, torch.Tensor]:
-        """Per shard of `group`, which of its candidates are among the k extreme scores."""
+                candidates: Optional[Any] = None) -> dict[int, torch.Tensor]:
+        """Per shard of `group`, which of its weights are among the k extreme scores of the
+        candidates (every weight if `candidates` is None)."""
         members = [s for s in self.shards if s.table in group.tables]
-        # candidates as flat local indices: gathering by index is cheaper than boolean
-        # indexing, and positions follow from indices without a full positions tensor
-        offered = [(s, torch.nonzero(candidates(s).view(-1)).view(-1))
-                   for s in members if self._offers(s)]
+        offered = [s for s in members if self._offers(s)]
         device = self.ctx.device
-        flat_scores = concat([scores(s).view(-1).index_select(0, idx) for s, idx in offered]
+        flat_scores = concat([scores(s).reshape(-1) for s in offered]
                              or [torch.empty(0, device=device)])
+        flat_candidates = None if candidates is None else concat(
+            [candidates(s).reshape(-1) for s in offered]
+            or [torch.empty(0, dtype=torch.bool, device=device)])
+        ends = torch.tensor([s.mask.numel() for s in offered], dtype=torch.int64).cumsum(0)
 
         def tie_keys(tied: torch.Tensor) -> torch.Tensor:
-            """Tie-break keys of the candidates at `tied` (ascending indices into
-            flat_scores): a fixed permutation of their global positions, computed only for
-            the candidates tied at the threshold."""
-            ends = torch.tensor([idx.numel() for _, idx in offered], device=device).cumsum(0)
-            cuts = [0, *torch.searchsorted(tied, ends).tolist()]
-            keys = torch.cat([s.positions_at(idx[tied[a:b] - (end - idx.numel())])
-                              for (s, idx), a, b, end in zip(offered, cuts, cuts[1:],
-                                                              ends.tolist())]
-                             or [tied.new_empty(0)])
+            """Tie-break keys of the weights at `tied` (ascending indices into flat_scores):
+            a fixed permutation of their global positions, computed only for the candidates
+            tied at the threshold."""
+            cuts = [0, *torch.searchsorted(tied, ends.to(device)).tolist()]
+            starts = [0, *ends.tolist()]
+            keys = torch.cat([s.positions_at(tied[a:b] - start) for s, a, b, start
+                              in zip(offered, cuts, cuts[1:], starts)] or [tied.new_empty(0)])
             return keys.mul_(_TIE_SCRAMBLE).bitwise_and_((1 << self.position_bits) - 1)
 
-        chosen = select_extreme(flat_scores, tie_keys, k, largest=largest,
-                                reduce_counts=self.controller.reduce_counts,
-                                position_bits=self.position_bits)
-        result, start = {}, 0
-        for s, idx in offered:  # scatter, not chosen's indices: no nonzero() pass
-            picked = torch.zeros_like(s.mask)
-            picked.view(-1).scatter_(0, idx, chosen[start:start + idx.numel()])
-            start += idx.numel()
-            result[id(s)] = picked
+        select = partial(select_extreme, k=k, largest=largest,
+                         reduce_counts=self.controller.reduce_counts,
+                         position_bits=self.position_bits)
+        if (flat_candidates is not None
+                and 2 * int(torch.count_nonzero(flat_candidates)) < flat_candidates.numel()):
+            # few candidates (the active weights at a drop): gathering them makes every
+            # pass of the selection cheaper than marking them among all weights
+            index = flat_nonzero(flat_candidates).to(device)
+            picked = select(flat_scores.index_select(0, index),
+                            lambda i: tie_keys(index.index_select(0, i)))
+            chosen = torch.zeros_like(flat_candidates).index_fill_(0, compress(index, picked),
+                                                                   True)
+        else:
+            chosen = select(flat_scores, tie_keys, candidates=flat_candidates)
+        result = {id(s): chosen[start:end].view_as(s.mask)
+                  for s, start, end in zip(offered, [0, *ends.tolist()], ends.tolist())}
         for s in members:
             if s.shard.replicated:
                 picked = result.get(id(s), torch.zeros_like(s.mask)).to(torch.uint8)
@@ -151,8 +160,7 @@ class DynamicSparseTraining:
         """Exactly `budget` active weights per group, at the positions of smallest hash."""
         for group in self.groups:
             chosen = self._select(group, group.budget, largest=False,
-                                  scores=lambda s: uniform_hash(s.positions(), self.seed),
-                                  candidates=lambda s: torch.ones_like(s.mask))
+                                  scores=lambda s: uniform_hash(s.positions(), self.seed))
             for s in self.shards:
                 if s.table in group.tables:
                     s.mask.copy_(chosen[id(s)])
@@ -218,13 +226,13 @@ class DynamicSparseTraining:
         """Zeroes per-weight optimizer state where the mask changes; per-row state (row-wise
         Adagrad) only for rows that had no active weight before, since it is shared with the
         row's other, unchanged weights."""
-        changed = new_mask ^ shard.mask
-        revived_rows = ~shard.mask.any(1) & new_mask.any(1)
+        unchanged = (new_mask == shard.mask).view(torch.uint8)  # x * 0/1 beats masked_fill_
+        revived_rows = ~any_per_row(shard.mask) & any_per_row(new_mask)
         for state in shard.shard.optimizer_states():
-            if state.numel() == changed.numel():
-                state.view_as(changed).masked_fill_(changed, 0)
-            elif state.numel() == changed.shape[0]:
-                state.view(-1).masked_fill_(revived_rows, 0)
+            if state.numel() == unchanged.numel():
+                state.view_as(unchanged).mul_(unchanged)
+            elif state.numel() == unchanged.shape[0]:
+                state.view(-1).mul_((~revived_rows).view(torch.uint8))
 
     def active_per_table(self) -> tuple[dict[str, int], str]:
         """Active weights of each sparsified table, summed over the cluster, and a digest of
@@ -234,7 +242,7 @@ class DynamicSparseTraining:
         local = torch.zeros(len(names) + 1, dtype=torch.int64)
         for s in self.shards:
             if self._offers(s):
-                active = s.positions_at(torch.nonzero(s.mask.view(-1)).view(-1))
+                active = s.positions_at(flat_nonzero(s.mask))
                 local[names.index(s.table)] += active.numel()
                 hashes = (active * _TIE_SCRAMBLE) >> (64 - _DIGEST_BITS)
                 local[-1] += int((hashes & ((1 << _DIGEST_BITS) - 1)).sum())

@@ -1,0 +1,32 @@
+"""Primitives that torch runs slowly on one CPU thread, with a NumPy path on CPU.
+
+Training processes run one thread each, and there torch's boolean indexing, nonzero and
+row-wise any() take 3-8x the time of NumPy's on the same memory (2.6M elements: nonzero 6 ms
+vs 0.7 ms). Drop-and-grow makes a few such passes over every shard per update, so they decide
+its cost. NumPy shares the tensors' memory (no copy); other devices use torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """int64 indices of the True entries of a bool tensor, in its flattened (row-major) order."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(mask.contiguous().numpy().reshape(-1).nonzero()[0])
+    return torch.nonzero(mask.reshape(-1)).view(-1)
+
+
+def compress(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """values[keep] for a 1-D tensor and a bool tensor of the same length."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(values.contiguous().numpy()[keep.numpy()])
+    return values[keep]
+
+
+def any_per_row(mask: torch.Tensor) -> torch.Tensor:
+    """mask.any(1) for a 2-D bool tensor."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(mask.contiguous().numpy().any(1))
+    return mask.any(1)
