@@ -70,7 +70,7 @@ def _order_keys(scores: torch.Tensor) -> torch.Tensor:
 
 def _digits(values: torch.Tensor, shift: int) -> torch.Tensor:
     """Bits [shift, shift + 16) of every value (two's complement), as non-negative ints."""
-    return (values >> shift) & (BINS - 1) if shift else values & (BINS - 1)
+    return (values >> shift).bitwise_and_(BINS - 1) if shift else values & (BINS - 1)
 
 
 def _threshold_bin(histogram: torch.Tensor, k: int, largest: bool) -> tuple[int, int]:
@@ -104,8 +104,8 @@ def _radix_select(keys: torch.Tensor, count: int, k: int, bits: int, largest: bo
     while True:
         digits = _digits(remaining, shift)
         excluded = candidates is not None
-        if excluded:  # + BINS · (1 - candidate), without a slow masked_fill_
-            digits += candidates.to(digits.dtype).sub_(1).mul_(-BINS)
+        if excluded:  # + BINS for the others, without a slow masked_fill_
+            digits.add_((~candidates).to(digits.dtype), alpha=BINS)
             candidates = None
         histogram = torch.bincount(digits, minlength=BINS)[:BINS]
         # the sign bit of int32 keys is the complement of the unsigned keys' top bit
