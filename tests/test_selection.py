@@ -196,6 +196,23 @@ def test_marked_candidates_choose_what_the_gathered_candidates_choose(largest: b
             assert torch.equal(chosen, expected), (trial, n, k)
 
 
+def test_positions_outside_the_candidates_are_not_checked_whether_gathered_or_marked() -> None:
+    generator = torch.Generator().manual_seed(9)
+    scores, positions = tied_scores(2000, generator), unique_positions(2000, generator, 20)
+    for density in (0.2, 0.9):  # under half the entries: gathered; else marked
+        candidates = torch.rand(2000, generator=generator) < density
+        bad = positions.clone()
+        bad[~candidates] = -1  # out of [0, 2**20), but not a candidate
+        chosen = select_extreme(scores, bad, 100, largest=True, reduce_counts=local_counts,
+                                position_bits=20, candidates=candidates)
+        expected = torch.zeros(2000, dtype=torch.bool)
+        expected[candidates] = reference(scores[candidates], positions[candidates], 100, True)
+        assert torch.equal(chosen, expected), density
+        with pytest.raises(ValueError, match="outside"):
+            select_extreme(scores, bad, 100, largest=True, reduce_counts=local_counts,
+                           position_bits=20)
+
+
 def test_ties_go_to_the_smaller_position_for_largest_and_smallest() -> None:
     scores = torch.tensor([2.0, 1.0, 1.0, 1.0, 0.0])
     positions = torch.tensor([50, 40, 10, 30, 20])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -26,7 +25,7 @@ from dsl_dist.config import ConfigError, SparsityConfig
 from dsl_dist.control.controller import CollectiveController, Controller
 from dsl_dist.distributed import DistContext
 from dsl_dist.model.shards import DenseBlock, local_table_shards
-from dsl_dist.sparsity.fastops import any_per_row, compress, flat_nonzero
+from dsl_dist.sparsity.fastops import any_per_row, flat_nonzero
 from dsl_dist.sparsity.growth import GrowthRecorder, concat
 from dsl_dist.sparsity.masks import MaskedShard, uniform_hash
 from dsl_dist.sparsity.schedule import UpdateSchedule
@@ -132,20 +131,9 @@ class DynamicSparseTraining:
                               in zip(offered, cuts, cuts[1:], starts)] or [tied.new_empty(0)])
             return keys.mul_(_TIE_SCRAMBLE).bitwise_and_((1 << self.position_bits) - 1)
 
-        select = partial(select_extreme, k=k, largest=largest,
-                         reduce_counts=self.controller.reduce_counts,
-                         position_bits=self.position_bits)
-        if (flat_candidates is not None
-                and 2 * int(torch.count_nonzero(flat_candidates)) < flat_candidates.numel()):
-            # few candidates (the active weights at a drop): gathering them makes every
-            # pass of the selection cheaper than marking them among all weights
-            index = flat_nonzero(flat_candidates).to(device)
-            picked = select(flat_scores.index_select(0, index),
-                            lambda i: tie_keys(index.index_select(0, i)))
-            chosen = torch.zeros_like(flat_candidates).index_fill_(0, compress(index, picked),
-                                                                   True)
-        else:
-            chosen = select(flat_scores, tie_keys, candidates=flat_candidates)
+        chosen = select_extreme(flat_scores, tie_keys, k, largest=largest,
+                                reduce_counts=self.controller.reduce_counts,
+                                position_bits=self.position_bits, candidates=flat_candidates)
         result = {id(s): chosen[start:end].view_as(s.mask)
                   for s, start, end in zip(offered, [0, *ends.tolist()], ends.tolist())}
         for s in members:

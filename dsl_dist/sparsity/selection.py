@@ -146,8 +146,10 @@ def select_extreme(scores: torch.Tensor, positions: torch.Tensor | PositionsOf, 
         every position costs more than the selection; its range is then not checked).
     k: how many candidates to select over all ranks, 0 <= k <= the global number of
         candidates.
-    candidates: optional (n,) bool: only these entries take part (all of them if None).
-        Marking candidates costs less than gathering them (no index pass, no scatter back).
+    candidates: optional (n,) bool: only these entries take part (all of them if None); the
+        others are ignored (NaN scores allowed, positions not checked). Under half of the
+        entries are gathered first; more are marked among all of them (a digit offset), which
+        then costs less than a gather and a scatter back.
 
     The k best are the k largest (or smallest) scores, -0.0 counting as +0.0; among equal scores
     at the threshold, the candidates of SMALLER position go first (for largest and smallest
@@ -190,6 +192,17 @@ def select_extreme(scores: torch.Tensor, positions: torch.Tensor | PositionsOf, 
                          f"[0, {MAX_POSITION_BITS}]")
     if k < 0:
         raise ValueError(f"select_extreme: k={k} is negative")
+    count = scores.numel() if candidates is None else int(torch.count_nonzero(candidates))
+    if candidates is not None and 2 * count < candidates.numel():
+        # few candidates (the active weights at a drop): every pass below costs less over
+        # them alone than over all entries, the gather and the scatter back included
+        index = flat_nonzero(candidates).to(candidates.device)
+        picked = select_extreme(
+            scores.index_select(0, index),
+            ((lambda i: positions(index.index_select(0, i))) if lazy  # type: ignore[operator]
+             else positions.index_select(0, index)),
+            k, largest=largest, reduce_counts=reduce_counts, position_bits=position_bits)
+        return torch.zeros_like(candidates).index_fill_(0, compress(index, picked), True)
     scores = scores.float()
     positions_of: PositionsOf = (positions if lazy else  # type: ignore[assignment]
                                  positions.to(torch.int64).__getitem__)
@@ -197,14 +210,15 @@ def select_extreme(scores: torch.Tensor, positions: torch.Tensor | PositionsOf, 
 
     header = [0] * _HEADER_SIZE
     if scores.numel():
-        header[0] = scores.numel() if candidates is None else int(torch.count_nonzero(candidates))
+        header[0] = count
         if bool(scores.sum().isnan()):  # a cheap pass first: NaN propagates through sums
             nan = torch.isnan(scores)
             header[1] = int(torch.count_nonzero(nan if candidates is None else nan & candidates))
         if lazy:
             header[_HEADER + position_bits] = 1
-        else:
-            smallest_position, largest_position = (int(v) for v in torch.aminmax(positions))
+        elif count:
+            checked = positions if candidates is None else compress(positions, candidates)
+            smallest_position, largest_position = (int(v) for v in torch.aminmax(checked))
             header[2] = int(smallest_position < 0 or largest_position >= 1 << position_bits)
             header[_HEADER + min(max(largest_position, 0).bit_length(), MAX_POSITION_BITS)] = 1
     header = reduce_counts(torch.tensor(header, dtype=torch.int64, device=device)).tolist()
