@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from dsl_dist.data.graph import read_graph
-from dsl_dist.data.stream import read_user_items
-from dsl_dist.evaluation import ranking_metrics
+from dsl_dist.data.stream import UserItems, read_user_items
+from dsl_dist.evaluation import items_matrix, ranking_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -133,22 +133,17 @@ def train(name: str, dim: int, args: argparse.Namespace,
 
 
 @torch.no_grad()
-def evaluate(model: SparseMF, seen, targets, num_items: int, batch: int = 4096) -> dict:
+def evaluate(model: SparseMF, seen: UserItems, targets: UserItems, num_items: int,
+             batch: int = 4096) -> dict[str, float]:
+    """Full-ranking Recall@20 and NDCG@20 over the users of `targets`, `seen` items excluded."""
     sums = {"recall@20": 0.0, "ndcg@20": 0.0}
     for start in range(0, len(targets.users), batch):
         users = targets.users[start:start + batch]
         scores = model.tables[0][torch.from_numpy(users)] @ model.tables[1].T
-        scores[_matrix(users, seen, num_items)] = -torch.inf
-        for k, v in ranking_metrics(scores, _matrix(users, targets, num_items), [20]).items():
+        scores[items_matrix(users, seen, num_items)] = -torch.inf
+        for k, v in ranking_metrics(scores, items_matrix(users, targets, num_items), [20]).items():
             sums[k] += float(v)
     return {k: v / len(targets.users) for k, v in sums.items()}
-
-
-def _matrix(users: np.ndarray, source, num_items: int) -> torch.Tensor:
-    counts, items = source.gather(users)
-    mask = torch.zeros(len(users), num_items, dtype=torch.bool)
-    mask[torch.from_numpy(np.repeat(np.arange(len(users)), counts)), torch.from_numpy(items)] = True
-    return mask
 
 
 def main() -> None:

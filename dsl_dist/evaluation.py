@@ -41,7 +41,7 @@ def ranking_metrics(scores: torch.Tensor, relevant: torch.Tensor,
     return sums
 
 
-def _rows_mask(users: np.ndarray, source: UserItems, num_items: int) -> torch.Tensor:
+def items_matrix(users: np.ndarray, source: UserItems, num_items: int) -> torch.Tensor:
     """A (len(users), num_items) bool matrix of `source`'s items for each of `users`."""
     counts, items = source.gather(users)
     mask = torch.zeros(len(users), num_items, dtype=torch.bool)
@@ -70,8 +70,9 @@ def evaluate(model: DistributedModelParallel, dataset_dir: Path, split: str, num
         scores = recommender.score(items, torch.from_numpy(ids).to(ctx.device), history).cpu()
         if not len(users):
             continue
-        scores[_rows_mask(users, seen, num_items)] = -torch.inf
-        for name, value in ranking_metrics(scores, _rows_mask(users, targets, num_items), ks).items():
+        scores[items_matrix(users, seen, num_items)] = -torch.inf
+        relevant = items_matrix(users, targets, num_items)
+        for name, value in ranking_metrics(scores, relevant, ks).items():
             sums[name] += value
     names = sorted(sums)
     totals = ctx.all_reduce_sum(torch.stack([sums[n] for n in names] +
