@@ -30,16 +30,28 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from dsl_dist.data.graph import read_graph
+from dsl_dist.data.errors import DataError
+from dsl_dist.data.graph import InteractionGraph, read_graph
 from dsl_dist.data.stream import UserItems, read_user_items
 from dsl_dist.evaluation import items_matrix, ranking_metrics
+from dsl_dist.model.mf import bpr_loss
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+RUNS = ("dense", "dense_small", "static", "one_shot", "gradual")
 STEP_SAMPLES = 4096
 EPS = 1e-8
 PRUNE_EVERY = 150
 """Steps between gradual pruning steps: the DSL benchmark's delta_t."""
+
+
+Data = tuple[InteractionGraph, UserItems, UserItems]
+"""The train pairs, and the train and test items per user."""
+
+
+def read_data(directory: Path) -> Data:
+    return (read_graph(directory), read_user_items(directory, "train", rank=0, world_size=1),
+            read_user_items(directory, "test", rank=0, world_size=1))
 
 
 class SparseMF:
@@ -59,10 +71,9 @@ class SparseMF:
         return sum(t.numel() for t in self.tables)
 
     def keep_largest(self, count: int) -> None:
-        """Masks all but the `count` active weights of largest |w| over both tables."""
+        """Masks all but the `count` weights of largest |w| over both tables (masked weights are
+        0, so they stay masked while `count` does not grow)."""
         flat = torch.cat([t.flatten() for t in self.tables]).abs()
-        if self.masks is not None:
-            flat *= torch.cat([m.flatten() for m in self.masks])
         keep = torch.zeros(flat.numel(), dtype=torch.bool)
         keep[flat.topk(count).indices] = True
         self.set_mask(keep)
@@ -76,8 +87,7 @@ class SparseMF:
     def step(self, users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor) -> float:
         u, p, n = (self.tables[t][ids].requires_grad_() for t, ids in
                    ((0, users), (1, positives), (1, negatives)))
-        ranking = torch.nn.functional.softplus((u * n).sum(1) - (u * p).sum(1)).mean()
-        loss = ranking + self.l2 * 0.5 * (u.pow(2).sum() + p.pow(2).sum() + n.pow(2).sum()) / len(u)
+        loss = bpr_loss(u, p, n.unsqueeze(1), self.l2)
         loss.backward()
         with torch.no_grad():
             self._adagrad(0, users, u.grad)
@@ -94,14 +104,11 @@ class SparseMF:
         self.tables[t][rows] = update
 
 
-def train(name: str, dim: int, args: argparse.Namespace,
+def train(name: str, dim: int, args: argparse.Namespace, data: Data,
           before_step: Callable[[SparseMF, int, int], None]) -> dict:
     """Trains one MF for args.epochs; `before_step(model, step, steps_per_epoch)` may change
     its mask. Evaluates every 5 epochs and at the end."""
-    data = REPO / args.data
-    graph = read_graph(data)
-    seen = read_user_items(data, "train", rank=0, world_size=1)
-    targets = read_user_items(data, "test", rank=0, world_size=1)
+    graph, seen, targets = data
     generator = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     model = SparseMF(graph.num_users, graph.num_items, dim, args, generator)
@@ -158,14 +165,17 @@ def main() -> None:
     parser.add_argument("--init-std", type=float, default=0.01)
     parser.add_argument("--l2-reg", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", nargs="+",
-                        default=["dense", "dense_small", "static", "one_shot", "gradual"])
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
     args = parser.parse_args()
     if not 0 < args.density <= 1:
         parser.error(f"--density {args.density}: must be in (0, 1]")
     if not 1 <= args.prune_epoch < args.epochs or not 1 < args.gradual_end < args.epochs:
         parser.error("--prune-epoch and --gradual-end must fall inside the run (1 to --epochs - 1,"
                      " gradual end after epoch 1)")
+    try:
+        data = read_data(REPO / args.data)
+    except DataError as error:
+        parser.error(str(error))
     dim, d = 64, args.density
 
     def nothing(model: SparseMF, step: int, per_epoch: int) -> None:
@@ -194,7 +204,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for run in args.runs:
         run_dim, hook = runs[run]
-        result = train(run, run_dim, args, hook)
+        result = train(run, run_dim, args, data, hook)
         path = RESULTS / f"bounds_mf_{args.data.name}_d{d}_{run}.json"
         path.write_text(json.dumps(result, indent=1) + "\n")
         print(f"{run}: recall@20 {result['final_metrics']['recall@20']:.4f} -> {path}")
