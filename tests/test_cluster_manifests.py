@@ -1,24 +1,28 @@
-"""The Kubernetes manifests parse, launch real modules with overrides that compose into a valid
-config, and run non-root with resource limits and a pinned image of this project's version.
-
-(No CRD schema validation: the KubeRay and Kubeflow schemas cannot be fetched here.)
+"""The Kubernetes manifests pass the schemas of the APIs that apply them (the published KubeRay
+and Kubeflow CRDs in ../shared/schemas, and Kubernetes' own for core kinds: see k8s_schema.py),
+unknown fields included, launch real modules with overrides that compose into a valid config,
+and run non-root with resource limits and a pinned image of this project's version.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import shlex
 import tomllib
-from pathlib import Path
+from functools import reduce
+from operator import getitem
 from typing import Any, Iterator
 
 import pytest
 import yaml
 
 from conftest import REPO
+from k8s_schema import problems
 from test_config import load
 
 CLUSTER = REPO / "cluster"
+MANIFESTS = sorted(path.name for path in CLUSTER.glob("*.yaml"))
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
 
@@ -39,6 +43,12 @@ def pod_specs(node: Any) -> Iterator[dict[str, Any]]:
             yield from pod_specs(value)
 
 
+def check_pinned_and_limited(image: str, resources: dict[str, Any]) -> None:
+    assert image.endswith(f":{VERSION}-cuda"), image
+    limits, requests = resources["limits"], resources["requests"]
+    assert {"cpu", "memory"} <= limits.keys() and limits == requests, resources
+
+
 def check_launch(command: list[str], module: str) -> None:
     """`command` runs `module` and its Hydra overrides compose into a valid job config."""
     start = command.index("-m") + 1
@@ -49,6 +59,47 @@ def check_launch(command: list[str], module: str) -> None:
         assert path and path.startswith("/shared/"), f"{path} is not on the shared volume"
 
 
+def steps(path: str) -> list[str | int]:
+    """('spec', 'containers', 0, 'image') for `spec.containers[0].image`."""
+    return [int(step) if step.isdigit() else step for step in re.findall(r"[^.\[\]]+", path)]
+
+
+# Each manifest broken as a hand would: a field misspelt (its last letter doubled), which the API
+# server would drop or reject, and a value of the wrong type.
+MISSPELT = {
+    "networkpolicy.yaml": "spec.podSelector.matchLabels",
+    "pytorchjob.yaml":
+        "spec.pytorchReplicaSpecs.Worker.template.spec.containers[0].securityContext",
+    "rayjob.yaml": "spec.rayClusterSpec.headGroupSpec.template.spec.containers[0].image",
+    "shared-storage.yaml": "spec.resources.requests",
+}
+MISTYPED = {
+    "networkpolicy.yaml": ("spec.policyTypes", "Ingress"),
+    "pytorchjob.yaml": ("spec.runPolicy.backoffLimit", "3"),
+    "rayjob.yaml": ("spec.rayClusterSpec.workerGroupSpecs[0].replicas", "2"),
+    "shared-storage.yaml": ("spec.accessModes", "ReadWriteMany"),
+}
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_manifest_passes_the_schema_of_its_api(name: str) -> None:
+    assert problems(manifest(name)) == []
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_schema_rejects_a_misspelt_field_and_a_wrong_type_by_path(name: str) -> None:
+    broken = manifest(name)
+    *parent, field = steps(MISSPELT[name])
+    node = reduce(getitem, parent, broken)
+    node[field + field[-1]] = node.pop(field)
+    path, value = MISTYPED[name]
+    *parent, field = steps(path)
+    reduce(getitem, parent, broken)[field] = value
+    found = problems(broken)
+    assert f"{MISSPELT[name]}{MISSPELT[name][-1]}: unknown field" in found, found
+    assert any(problem.startswith(f"{path}: {value!r} is not of type") for problem in found), found
+
+
 @pytest.mark.parametrize("name", ["rayjob.yaml", "pytorchjob.yaml"])
 def test_pods_are_pinned_non_root_and_limited(name: str) -> None:
     pods = list(pod_specs(manifest(name)))
@@ -57,10 +108,7 @@ def test_pods_are_pinned_non_root_and_limited(name: str) -> None:
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] != 0
         for container in pod["containers"]:
-            image = container["image"]
-            assert image.endswith(f":{VERSION}-cuda"), image
-            limits, requests = container["resources"]["limits"], container["resources"]["requests"]
-            assert {"cpu", "memory"} <= limits.keys() and limits == requests, container["name"]
+            check_pinned_and_limited(container["image"], container["resources"])
             assert container["securityContext"]["allowPrivilegeEscalation"] is False
             mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
             assert not mounts or mounts == {"/shared"}
