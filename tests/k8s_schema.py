@@ -104,16 +104,24 @@ def core_resource(api_version: str, kind: str) -> Schema:
                       f"Kubernetes {KUBERNETES_VERSION}")
 
 
+def schema_validator(schema: Schema) -> Draft202012Validator:
+    """A validator of `schema`, which may refer to the Kubernetes API's definitions."""
+    return Draft202012Validator(schema, registry=Resource.from_contents(definitions()) @ Registry())
+
+
 @functools.cache
 def validator(api_version: str, kind: str) -> Draft202012Validator:
     schema = custom_resources().get((api_version, kind)) or core_resource(api_version, kind)
-    return Draft202012Validator(schema, registry=Resource.from_contents(definitions()) @ Registry())
+    return schema_validator(schema)
 
 
 def problems(manifest: dict[str, Any]) -> list[str]:
     """Every way `manifest` breaks its kind's schema, as `field.path: what is wrong`."""
-    errors = validator(manifest["apiVersion"], manifest["kind"]).iter_errors(manifest)
-    return sorted(line for error in errors for line in describe(error))
+    return violations(validator(manifest["apiVersion"], manifest["kind"]), manifest)
+
+
+def violations(validator: Draft202012Validator, instance: Any) -> list[str]:
+    return sorted(line for error in validator.iter_errors(instance) for line in describe(error))
 
 
 def describe(error: ValidationError) -> Iterator[str]:

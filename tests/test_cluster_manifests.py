@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from k8s_schema import problems
+from k8s_schema import problems, schema_validator, structural, violations
 from test_config import load
 
 CLUSTER = REPO / "cluster"
@@ -101,6 +101,29 @@ def test_schema_rejects_a_misspelt_field_and_a_wrong_type_by_path(name: str) -> 
     found = problems(broken)
     assert f"{MISSPELT[name]}{MISSPELT[name][-1]}: unknown field" in found, found
     assert any(problem.startswith(f"{path}: {value!r} is not of type") for problem in found), found
+
+
+def test_structural_rules_of_the_api_server() -> None:
+    """k8s_schema.structural, on the rules the CRDs here use and those they do not use yet."""
+    check = schema_validator(structural({"type": "object", "properties": {
+        "known": {"type": "object", "properties": {"name": {"type": "string"}}},
+        "open": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        "port": {"x-kubernetes-int-or-string": True},
+        "pod": {"type": "object", "x-kubernetes-embedded-resource": True},
+    }}))
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "labels": {"a": "b"}}}
+    assert violations(check, {"known": {"name": "a"}, "open": {"any": {"thing": 1}},
+                              "port": "http", "pod": pod}) == []
+    broken = {"known": {"nam": "a"}, "port": [80], "extra": 1,
+              "pod": {"apiVersion": "v1", "metadata": {"labels": {"a": 1}}, "spec": {}}}
+    assert violations(check, broken) == [
+        "extra: unknown field",
+        "known.nam: unknown field",
+        "pod.metadata.labels.a: 1 is not of type 'string', 'null'",
+        "pod.spec: unknown field",
+        "pod: 'kind' is a required property",
+        "port: [80] is not valid under any of the given schemas",
+    ]
 
 
 @pytest.mark.parametrize("name", ["rayjob.yaml", "pytorchjob.yaml"])
