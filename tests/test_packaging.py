@@ -1,5 +1,6 @@
-"""The dependency pins agree: pyproject.toml, the CPU and GPU requirement sets and the
-Dockerfile name the same versions, and the Dockerfile installs the set of its variant."""
+"""The dependency pins agree: pyproject.toml (its test extra too), the CPU and GPU requirement
+sets and the Dockerfile name the same versions, and the Dockerfile installs the set of its
+variant."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ def pinned(requirement: Requirement) -> str:
     return spec.version
 
 
-PYPROJECT = {Requirement(r).name.lower(): Requirement(r) for r in
-             tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+PYPROJECT = {Requirement(r).name.lower(): Requirement(r) for r in PROJECT["dependencies"]}
+TEST_EXTRA = [Requirement(r) for r in PROJECT["optional-dependencies"]["test"]]
 CPU = {**requirements("requirements-cpu.txt"), **requirements("requirements-cpu-nodeps.txt")}
 CUDA = requirements("requirements-cuda.txt")
 
@@ -51,6 +53,12 @@ def test_cpu_set_pins_the_same_versions_with_the_cpu_fbgemm() -> None:
         assert pinned(CPU[cpu_name]) == pinned(requirement), name
     assert "fbgemm-gpu" not in CPU, "the CUDA fbgemm-gpu does not load on a CPU torch"
     assert pinned(CPU["torchrec"]) == pinned(CPU["fbgemm-gpu-cpu"])
+
+
+def test_cpu_set_pins_the_test_extra() -> None:
+    """`make test` installs requirements-cpu.txt, not the extra: they must name the same pins."""
+    for requirement in TEST_EXTRA:
+        assert pinned(CPU[requirement.name.lower()]) == pinned(requirement), requirement
 
 
 def test_dockerfile_installs_its_variant_and_runs_unprivileged() -> None:
