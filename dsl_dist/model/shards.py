@@ -3,26 +3,27 @@ their global offsets, and the model's dense parameters.
 
 Everything that touches table weights from outside the model (initialisation, the sparsity
 masks) goes through `local_table_shards`, whatever the sharding type. A shard is found through
-the embedding kernels that TorchRec's sharded collections run, so it also carries the kernel
-that looks it up and that kernel's optimizer state. `dense_blocks` presents dense parameters
-(replicated by DDP) the same way, as one-shard tables, so that masks treat both alike.
+the embedding kernels that TorchRec's sharded collections run (torchrec_internals.py), so it
+also carries the kernel that looks it up and that kernel's optimizer state. `dense_blocks`
+presents dense parameters (replicated by DDP) the same way, as one-shard tables, so that masks
+treat both alike.
 """
 
 from __future__ import annotations
 
-import zlib
 import fnmatch
+import zlib
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
-from torchrec.distributed.batched_embedding_kernel import BaseBatchedEmbeddingBag
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.optim.keyed import KeyedOptimizer
 
 from dsl_dist.config import ConfigError
+from dsl_dist.model.torchrec_internals import (Kernel, dense_kernel_gradient, embedding_kernels,
+                                               is_replicated, kernel_tables, kernel_weights,
+                                               optimizer_states)
 
 INIT_BLOCK_ROWS = 4096
 
@@ -41,7 +42,7 @@ class TableShard:
     table_cols: int
     weight: torch.Tensor
     """The live weights (writing it writes the model)."""
-    kernel: BaseBatchedEmbeddingBag
+    kernel: Kernel
     """The TorchRec kernel that looks this shard up."""
     index: int
     """Position of this shard among the kernel's tables."""
@@ -49,27 +50,17 @@ class TableShard:
     @property
     def replicated(self) -> bool:
         """Data-parallel tables: every rank holds and updates a full copy."""
-        return self.kernel.config.compute_kernel == EmbeddingComputeKernel.DENSE
-
-    @property
-    def feature_names(self) -> list[str]:
-        return list(self.kernel.config.embedding_tables[self.index].feature_names)
+        return is_replicated(self.kernel)
 
     def optimizer_states(self) -> list[torch.Tensor]:
         """Views of the fused optimizer's state for this shard (per element or per row);
         empty for data-parallel shards, whose optimizer is a separate dense one."""
-        if self.replicated:
-            return []
-        return list(self.kernel.emb_module.split_optimizer_states()[self.index])
+        return [] if self.replicated else optimizer_states(self.kernel, self.index)
 
     def gradient(self) -> torch.Tensor | None:
-        """This shard's gradient, for data-parallel shards (the dense kernel's weights are an
-        ordinary parameter whose gradient DDP averages over ranks); None otherwise."""
-        flat = self.kernel.emb_module.weights
-        if not self.replicated or flat.grad is None:
-            return None
-        start = (self.weight.data_ptr() - flat.data_ptr()) // flat.element_size()
-        return flat.grad[start:start + self.weight.numel()].view_as(self.weight)
+        """This shard's gradient, for data-parallel shards (DDP's mean over the ranks); None
+        otherwise."""
+        return dense_kernel_gradient(self.kernel, self.weight) if self.replicated else None
 
 
 @dataclass
@@ -134,47 +125,41 @@ def dense_blocks(model: nn.Module, patterns: list[str],
             if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
 
 
-def embedding_kernels(model: nn.Module) -> list[BaseBatchedEmbeddingBag]:
-    """The batched embedding kernels inside the sharded collections of `model`."""
-    kernels = []
-    for module in model.modules():
-        if isinstance(module, ShardedEmbeddingBagCollection):
-            for lookup in module._lookups:  # not registered as submodules by TorchRec
-                inner = getattr(lookup, "module", lookup)  # data-parallel lookups are DDP-wrapped
-                kernels += [m for m in inner.modules() if isinstance(m, BaseBatchedEmbeddingBag)]
-    return kernels
-
-
 def local_table_shards(model: nn.Module) -> list[TableShard]:
     """This rank's shards of every embedding table of a DistributedModelParallel model."""
     shards = []
     for kernel in embedding_kernels(model):
-        for index, (table, weight) in enumerate(zip(kernel.config.embedding_tables,
-                                                    kernel.split_embedding_weights())):
-            row, col = table.local_metadata.shard_offsets if table.local_metadata else (0, 0)
-            shards.append(TableShard(table.name, row, col, table.local_rows, table.local_cols,
-                                     table.num_embeddings, table.embedding_dim, weight, kernel,
-                                     index))
+        for index, (table, weight) in enumerate(zip(kernel_tables(kernel),
+                                                    kernel_weights(kernel))):
+            shards.append(TableShard(table.name, table.row_offset, table.col_offset,
+                                     table.local_rows, table.local_cols, table.num_embeddings,
+                                     table.embedding_dim, weight, kernel, index))
     return sorted(shards, key=lambda s: (s.table, s.row_offset, s.col_offset))
+
+
+def initial_rows(table: str, cols: int, start: int, stop: int, std: float,
+                 seed: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, values) of rows [start, stop) of `table`'s initial weights, Normal(0, std),
+    a piece at a time. Rows are drawn in blocks of INIT_BLOCK_ROWS from a generator seeded by
+    (seed, table, block), so a weight's initial value depends only on its global position."""
+    if stop <= start:
+        return
+    table_seed = zlib.crc32(table.encode())
+    for block in range(start // INIT_BLOCK_ROWS, (stop - 1) // INIT_BLOCK_ROWS + 1):
+        generator = torch.Generator().manual_seed(hash((seed, table_seed, block)) & (2**63 - 1))
+        values = torch.randn(INIT_BLOCK_ROWS, cols, generator=generator) * std
+        first = max(start, block * INIT_BLOCK_ROWS)
+        last = min(stop, (block + 1) * INIT_BLOCK_ROWS)
+        yield first, values[first - block * INIT_BLOCK_ROWS: last - block * INIT_BLOCK_ROWS]
 
 
 @torch.no_grad()
 def init_normal_(shards: list[TableShard], std: float, seed: int) -> None:
-    """Fills every shard with Normal(0, std) weights that depend only on the global position.
-
-    Rows are drawn in blocks of INIT_BLOCK_ROWS from a generator seeded by (seed, table,
-    block), so a shard generates only the blocks it intersects and any sharding or world size
-    gives the same table.
-    """
+    """Fills every shard with its part of the tables' initial weights (`initial_rows`), so any
+    sharding or world size gives the same tables."""
     for shard in shards:
-        first = shard.row_offset // INIT_BLOCK_ROWS
-        last = (shard.row_offset + shard.num_rows - 1) // INIT_BLOCK_ROWS
-        table_seed = zlib.crc32(shard.table.encode())
-        for block in range(first, last + 1):
-            generator = torch.Generator().manual_seed(hash((seed, table_seed, block)) & (2**63 - 1))
-            values = torch.randn(INIT_BLOCK_ROWS, shard.table_cols, generator=generator) * std
-            start = max(shard.row_offset, block * INIT_BLOCK_ROWS)
-            stop = min(shard.row_offset + shard.num_rows, (block + 1) * INIT_BLOCK_ROWS)
-            src = values[start - block * INIT_BLOCK_ROWS: stop - block * INIT_BLOCK_ROWS,
-                         shard.col_offset: shard.col_offset + shard.num_cols]
-            shard.weight[start - shard.row_offset: stop - shard.row_offset].copy_(src)
+        for first, values in initial_rows(shard.table, shard.table_cols, shard.row_offset,
+                                          shard.row_offset + shard.num_rows, std, seed):
+            local = first - shard.row_offset
+            shard.weight[local:local + len(values)].copy_(
+                values[:, shard.col_offset:shard.col_offset + shard.num_cols])

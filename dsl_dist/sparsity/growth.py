@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torchrec import KeyedJaggedTensor
 
+from dsl_dist.model.torchrec_internals import kernel_tables
 from dsl_dist.sparsity.masks import MaskedShard
 
 
@@ -47,7 +48,7 @@ class GrowthRecorder:
         for key, kernel in kernels.items():
             self._columns[key] = {
                 feature: (table.local_cols, masked.get((key, index)))
-                for index, table in enumerate(kernel.config.embedding_tables)
+                for index, table in enumerate(kernel_tables(kernel))
                 for feature in table.feature_names}
         self._handles = [k.register_forward_hook(self._on_forward) for k in kernels.values()]
 
