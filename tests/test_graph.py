@@ -18,7 +18,8 @@ from conftest import write_clustered_dataset
 from dsl_dist.data import DataError, Manifest, prepare_dataset
 from dsl_dist.data import graph as graph_module
 from dsl_dist.data.graph import (CSRBags, InteractionGraph, PropagationBags, load_propagation_bags,
-                                 propagate, propagation_bags, read_graph)
+                                 propagation_bags, read_graph)
+from dsl_dist.model.lightgcn import propagate
 
 
 def random_graph(num_users: int = 17, num_items: int = 11, edges: int = 45,

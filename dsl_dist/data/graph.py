@@ -1,9 +1,9 @@
-"""The train interaction graph for LightGCN: exact propagation, and propagation bags.
+"""The train interaction graph for LightGCN: its normalised adjacency, and propagation bags.
 
 LightGCN's final embeddings are linear in the layer-0 tables: e = P E0 with P = Σ_k α_k Â^k
 (k = 0..K, α_k = 1/(K+1)), where Â is the symmetric-normalised adjacency of the bipartite train
-graph (users are nodes 0..U-1, item i is node U+i). When the tables fit on every rank,
-`propagate` computes P E0 exactly. Sharded tables cannot be multiplied by Â, but row v of
+graph (users are nodes 0..U-1, item i is node U+i). When the tables fit on every rank, the
+model multiplies by Â (dsl_dist/model/lightgcn.py). Sharded tables cannot be, but row v of
 P' = P − α_0 I is a fixed weighted bag of user rows plus one of item rows, so
 e(v) = α_0 E0[v] + two weighted EmbeddingBag lookups. `propagation_bags` computes those rows a
 block at a time (P is nearly dense beyond two hops, so it is never held whole) and keeps the
@@ -91,41 +91,6 @@ def read_graph(dataset_dir: Path) -> InteractionGraph:
     return InteractionGraph(manifest.num_users, manifest.num_items, edges // width, edges % width)
 
 
-def propagate(adjacency: torch.Tensor, embeddings: torch.Tensor, num_layers: int) -> torch.Tensor:
-    """Σ_k α_k Â^k E0 over k = 0..num_layers, α_k = 1/(num_layers + 1), differentiable with
-    respect to `embeddings`. `adjacency` (sparse, e.g. `normalized_adjacency()` on the
-    embeddings' device) must be symmetric: the backward pass propagates the gradient with the
-    same matrix, which is several times faster than autograd's transposed CSR product."""
-    _check_layers(num_layers)
-    if (adjacency.dim() != 2 or embeddings.dim() != 2
-            or not adjacency.shape[0] == adjacency.shape[1] == len(embeddings)):
-        raise ValueError(f"adjacency {tuple(adjacency.shape)} and embeddings "
-                         f"{tuple(embeddings.shape)}: need N × N and N × dim")
-    return _Propagate.apply(embeddings, adjacency, num_layers)
-
-
-class _Propagate(torch.autograd.Function):
-    """x ↦ Σ_k α_k Â^k x, whose gradient is the same map (Â is symmetric)."""
-
-    @staticmethod
-    def forward(ctx, embeddings: torch.Tensor, adjacency: torch.Tensor,
-                num_layers: int) -> torch.Tensor:
-        ctx.adjacency, ctx.num_layers = adjacency, num_layers
-        return _sum_of_powers(adjacency, embeddings, num_layers)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return _sum_of_powers(ctx.adjacency, grad, ctx.num_layers), None, None
-
-
-def _sum_of_powers(adjacency: torch.Tensor, x: torch.Tensor, num_layers: int) -> torch.Tensor:
-    total = x
-    for _ in range(num_layers):
-        x = torch.sparse.mm(adjacency, x)
-        total = total + x
-    return total / (num_layers + 1)
-
-
 @dataclass(frozen=True)
 class CSRBags:
     """Weighted bags in CSR form: bag r holds ids[indptr[r]:indptr[r+1]] with weights[...]
@@ -191,7 +156,7 @@ class PropagationBags:
     """Rows: items; ids: item ids (even hops >= 2)."""
 
     def __post_init__(self) -> None:
-        _check_layers(self.num_layers)
+        check_num_layers(self.num_layers)
         _check_neighbours(self.max_neighbours)
         num_users, num_items = self.user_to_users.num_rows, self.item_to_items.num_rows
         for name in BAG_NAMES:
@@ -216,7 +181,7 @@ def propagation_bags(graph: InteractionGraph, num_layers: int,
                      max_neighbours: int) -> PropagationBags:
     """The bags of every node, computed a block of nodes at a time (at most `BLOCK_BYTES` of
     dense rows) and truncated per block, so that P is never held whole."""
-    _check_layers(num_layers)
+    check_num_layers(num_layers)
     _check_neighbours(max_neighbours)
     block = max(1, BLOCK_BYTES // (3 * 4 * max(graph.num_nodes, 1)))
     bags = {}
@@ -241,7 +206,7 @@ def load_propagation_bags(dataset_dir: Path, num_layers: int,
     never the result of a failed build, as the cache only appears once complete) raises
     DataError naming it, to be deleted by hand. The returned
     tensors share the read-only mapped pages: do not write to them."""
-    _check_layers(num_layers)
+    check_num_layers(num_layers)
     _check_neighbours(max_neighbours)
     dataset_dir = Path(dataset_dir)
     manifest = Manifest.load(dataset_dir)
@@ -257,7 +222,7 @@ def load_propagation_bags(dataset_dir: Path, num_layers: int,
     return _read_cache(cache, num_layers, max_neighbours)
 
 
-def _check_layers(num_layers: int) -> None:
+def check_num_layers(num_layers: int) -> None:
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"num_layers={num_layers!r}: must be an integer >= 1")
 

@@ -18,13 +18,21 @@ The L2 penalty is on the batch's layer-0 (own) embeddings, as in LightGCN's code
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
-from dsl_dist.data.graph import PropagationBags, propagate
+from dsl_dist.data.graph import (PropagationBags, check_num_layers, load_propagation_bags,
+                                 read_graph)
 from dsl_dist.data.stream import ITEM_FEATURE, USER_FEATURE, negative_feature_names
 from dsl_dist.model.base import Recommender, collection_keys, feature_batch, ones
 from dsl_dist.model.mf import ITEM_TABLE, USER_TABLE, bpr_loss
+
+if TYPE_CHECKING:
+    from dsl_dist.config import JobConfig
+    from dsl_dist.data.manifest import Manifest
 
 _USERS, _ITEMS = ".users", ".items"  # feature suffixes: a node's bag over each table
 
@@ -127,6 +135,56 @@ class LightGCN(Recommender):
         if not self.bags:
             return items[users] @ items[self.num_users:].T
         return self._propagated_bags({USER_FEATURE: users})[0][USER_FEATURE] @ items.T
+
+
+def propagate(adjacency: torch.Tensor, embeddings: torch.Tensor, num_layers: int) -> torch.Tensor:
+    """Σ_k α_k Â^k E0 over k = 0..num_layers, α_k = 1/(num_layers + 1), differentiable with
+    respect to `embeddings`. `adjacency` (sparse, e.g. `normalized_adjacency()` on the
+    embeddings' device) must be symmetric: the backward pass propagates the gradient with the
+    same matrix, which is several times faster than autograd's transposed CSR product."""
+    check_num_layers(num_layers)
+    if (adjacency.dim() != 2 or embeddings.dim() != 2
+            or not adjacency.shape[0] == adjacency.shape[1] == len(embeddings)):
+        raise ValueError(f"adjacency {tuple(adjacency.shape)} and embeddings "
+                         f"{tuple(embeddings.shape)}: need N × N and N × dim")
+    return _Propagate.apply(embeddings, adjacency, num_layers)
+
+
+class _Propagate(torch.autograd.Function):
+    """x ↦ Σ_k α_k Â^k x, whose gradient is the same map (Â is symmetric)."""
+
+    @staticmethod
+    def forward(ctx, embeddings: torch.Tensor, adjacency: torch.Tensor,
+                num_layers: int) -> torch.Tensor:
+        ctx.adjacency, ctx.num_layers = adjacency, num_layers
+        return _sum_of_powers(adjacency, embeddings, num_layers)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _sum_of_powers(ctx.adjacency, grad, ctx.num_layers), None, None
+
+
+def _sum_of_powers(adjacency: torch.Tensor, x: torch.Tensor, num_layers: int) -> torch.Tensor:
+    total = x
+    for _ in range(num_layers):
+        x = torch.sparse.mm(adjacency, x)
+        total = total + x
+    return total / (num_layers + 1)
+
+
+def prepare_data(cfg: JobConfig, dataset_dir: Path) -> None:
+    """Builds the propagation bags' cache (the bags propagation reads it)."""
+    g = cfg.model.lightgcn
+    if g.propagation == "bags":
+        load_propagation_bags(dataset_dir, g.num_layers, g.max_neighbours)
+
+
+def build(cfg: JobConfig, manifest: Manifest, dataset_dir: Path) -> LightGCN:
+    g = cfg.model.lightgcn
+    graph = (load_propagation_bags(dataset_dir, g.num_layers, g.max_neighbours)
+             if g.propagation == "bags" else read_graph(dataset_dir).normalized_adjacency())
+    return LightGCN(manifest.num_users, manifest.num_items, cfg.model.embedding_dim,
+                    cfg.data.num_negatives, cfg.train.l2_reg, g.num_layers, graph)
 
 
 def _on(bag: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
