@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import nn
@@ -10,6 +11,10 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 
 from dsl_dist.data.stream import ITEM_FEATURE, USER_FEATURE, negative_feature_names
 from dsl_dist.model.base import Recommender, collection_keys, lookup
+
+if TYPE_CHECKING:
+    from dsl_dist.config import JobConfig
+    from dsl_dist.data.manifest import Manifest
 
 USER_TABLE = "user"
 ITEM_TABLE = "item"
@@ -77,3 +82,8 @@ def bpr_loss(users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tens
     u, p, n = regularised or (users, positives, negatives)
     squared = u.pow(2).sum() + p.pow(2).sum() + n.pow(2).sum() / n.shape[1]
     return ranking + l2_reg * 0.5 * squared / users.shape[0]
+
+
+def build(cfg: JobConfig, manifest: Manifest, dataset_dir: Path) -> MatrixFactorization:
+    return MatrixFactorization(manifest.num_users, manifest.num_items, cfg.model.embedding_dim,
+                               cfg.data.num_negatives, cfg.train.l2_reg)

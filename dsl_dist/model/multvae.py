@@ -13,12 +13,19 @@ uninterrupted one did and ranks, which hold different users, draw differently.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, JaggedTensor, KeyedJaggedTensor
 
 from dsl_dist.data.stream import HISTORY_FEATURE, ITEM_FEATURE, USER_FEATURE
 from dsl_dist.model.base import HISTORIES, Recommender, collection_keys, feature_batch, ones
+
+if TYPE_CHECKING:
+    from dsl_dist.config import JobConfig
+    from dsl_dist.data.manifest import Manifest
 
 ENCODER_TABLE = "item_encoder"
 DECODER_TABLE = "item_decoder"
@@ -114,3 +121,9 @@ class MultVAE(Recommender):
               history: KeyedJaggedTensor) -> torch.Tensor:
         mean, _ = self._encode(history[HISTORY_FEATURE], None)
         return self._logits(mean, items)
+
+
+def build(cfg: JobConfig, manifest: Manifest, dataset_dir: Path) -> MultVAE:
+    v = cfg.model.multvae
+    return MultVAE(manifest.num_items, cfg.model.embedding_dim, v.latent_dim, v.dropout,
+                   v.beta_max, v.anneal_steps, cfg.train.seed)

@@ -8,12 +8,19 @@ layer is split into its user and item halves so that it is computed once per use
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
 from dsl_dist.data.stream import ITEM_FEATURE, USER_FEATURE, negative_feature_names
 from dsl_dist.model.base import Recommender, collection_keys, lookup
+
+if TYPE_CHECKING:
+    from dsl_dist.config import JobConfig
+    from dsl_dist.data.manifest import Manifest
 
 _PAIRS_PER_CHUNK = 1 << 20
 """(user, item) pairs whose hidden activations evaluation holds at once."""
@@ -101,3 +108,9 @@ class NeuMF(Recommender):
         return torch.cat([self._logits(gmf_users[s:s + step, None], gmf_items[None],
                                        first_users[s:s + step, None], first_items[None])
                           for s in range(0, len(users), step)])
+
+
+def build(cfg: JobConfig, manifest: Manifest, dataset_dir: Path) -> NeuMF:
+    m = cfg.model
+    return NeuMF(manifest.num_users, manifest.num_items, m.embedding_dim, m.neumf.gmf_dim,
+                 list(m.neumf.mlp_layers), cfg.data.num_negatives)
