@@ -1,14 +1,18 @@
 """Sharded checkpoints that resume exactly, written with torch.distributed.checkpoint (DCP).
 
-A checkpoint is a directory `step-<step>` holding DCP's files, where every rank writes its own
-shards of the embedding tables, the fused optimizer state, the dense optimizer and the sparsity
-masks (all addressed by global offsets, so DCP reshards them for another world size), and
-`trainer.json`: the step, the data stream's position, the controller's state, the config the
-checkpoint belongs to, the length of metrics.jsonl and a SHA-256 of every file. It is written
-as `.step-<step>.partial` and renamed when complete, so a crash mid-save leaves only complete
-checkpoints under their final names. Nothing is unpickled: DCP reads its own format and
-trainer.json is JSON. Every rank must see the checkpoint directory (a shared file system on
-several machines).
+Whatever has state registers with the run's `CheckpointStore` under a name, as a `Stateful`
+(`state_dict()` / `load_state_dict()`, as torchtitan's): sharded components (the model's tables,
+the optimizers, the sparsity state) go to DCP, where every rank writes its own shards addressed
+by global offsets, so DCP reshards them for another world size; small ones (the config the
+checkpoint belongs to, the training progress, the data stream's position, the controller, the
+run log's length) go to `trainer.json` as rank 0's JSON, next to the step and a SHA-256 of
+every file. Save and resume are one loop over the registry, in registration order, so a new
+component is one `register` call.
+
+A checkpoint is a directory `step-<step>`, written as `.step-<step>.partial` and renamed when
+complete, so a crash mid-save leaves only complete checkpoints under their final names. Nothing
+is unpickled: DCP reads its own format and trainer.json is JSON. Every rank must see the
+checkpoint directory (a shared file system on several machines).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Protocol
 
 import torch.distributed.checkpoint as dcp
 
@@ -28,6 +32,8 @@ from dsl_dist.distributed import DistContext
 
 META = "trainer.json"
 _PREFIX = "step-"
+_RESERVED = ("step", "finished", "world_size", "files")
+"""trainer.json's own keys, which no component may be registered as."""
 
 
 class CheckpointError(RuntimeError):
@@ -46,13 +52,33 @@ def fingerprint(cfg: JobConfig) -> dict[str, Any]:
             for key, value in values.items()}
 
 
-def check_compatible(path: Path, saved: dict[str, Any], cfg: JobConfig) -> None:
-    """Refuses a checkpoint made with other settings, naming every key that differs."""
-    mine = fingerprint(cfg)
-    differ = [f"{key}={saved.get(key)!r} (this run: {mine[key]!r})"
-              for key in mine if saved.get(key) != mine[key]]
-    if differ:
-        raise ConfigError(f"checkpoint {path} was made with other settings: " + ", ".join(differ))
+class Stateful(Protocol):
+    """What the store saves and restores. Sharded components return tensors (ShardedTensors
+    of this rank's shards, or whole tensors) that DCP fills in place on load, before
+    `load_state_dict` receives them; the others return JSON-able values, of which rank 0's
+    are kept. `state_dict` is called on every rank (it may be collective)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class ConfigFingerprint:
+    """The settings a checkpoint belongs to; loading refuses a checkpoint of other settings,
+    naming every key that differs (registered first, so before any tensor is read)."""
+
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg = cfg
+
+    def state_dict(self) -> dict[str, Any]:
+        return fingerprint(self.cfg)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = fingerprint(self.cfg)
+        differ = [f"{key}={state.get(key)!r} (this run: {mine[key]!r})"
+                  for key in mine if state.get(key) != mine[key]]
+        if differ:
+            raise ConfigError("made with other settings: " + ", ".join(differ))
 
 
 def _sha256(path: Path) -> str:
@@ -88,24 +114,40 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 class CheckpointStore:
-    """The checkpoints of one run: save, find and load them (every method is collective)."""
+    """The checkpoints of one run and the components they hold: register, save, find and
+    load (every method but `register` is collective)."""
 
     def __init__(self, directory: Path, keep: int, ctx: DistContext) -> None:
         self.directory, self.keep, self.ctx = directory, keep, ctx
+        self._components: dict[str, tuple[Stateful, bool]] = {}
 
-    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-        """Writes `state` (each rank its shards) and rank 0's `meta`; returns the checkpoint."""
+    def register(self, name: str, component: Stateful, *, sharded: bool) -> None:
+        """Adds `component` to every checkpoint under `name`: to DCP if `sharded`, else to
+        trainer.json. Components load in the order they were registered."""
+        if name in self._components or name in _RESERVED:
+            raise ValueError(f"checkpoint component {name!r} is taken")
+        self._components[name] = (component, sharded)
+
+    def save(self, step: int, finished: bool = False) -> Path:
+        """Writes every component (each rank its shards, rank 0 the JSON); returns the
+        checkpoint."""
+        tensors = {name: c.state_dict() for name, (c, sharded) in self._components.items()
+                   if sharded}
+        small = {name: c.state_dict() for name, (c, sharded) in self._components.items()
+                 if not sharded}
         final = self.directory / f"{_PREFIX}{step:09d}"
         partial = self.directory / f".{final.name}.partial"
         if self.ctx.is_main:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         self.ctx.barrier()
-        dcp.save(state, checkpoint_id=partial, process_group=self.ctx.group)
+        dcp.save(tensors, checkpoint_id=partial, process_group=self.ctx.group)
         self.ctx.barrier()
         if self.ctx.is_main:
             files = {f.name: _sha256(f) for f in sorted(partial.iterdir())}
-            (partial / META).write_text(json.dumps({**meta, "files": files}))
+            meta = {"step": step, "finished": finished, "world_size": self.ctx.world_size,
+                    **small, "files": files}
+            (partial / META).write_text(json.dumps(meta))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
             for old in complete_checkpoints(self.directory)[self.keep:]:
@@ -118,9 +160,36 @@ class CheckpointStore:
         if one is missing or corrupt)."""
         return self.ctx.main_then_broadcast(lambda: read_meta(path))
 
-    def load(self, path: Path, state: dict[str, Any]) -> None:
-        """Fills `state` in place from the checkpoint (DCP, resharding as needed)."""
-        dcp.load(state, checkpoint_id=path, process_group=self.ctx.group)
+    def resume(self, candidates: list[Path],
+               warn: Optional[Any] = None) -> tuple[Path, dict[str, Any]]:
+        """Loads every component from the first loadable checkpoint of `candidates` (newest
+        first); a corrupt or partial one is reported to `warn` and the next tried. Returns
+        the checkpoint and its meta."""
+        for index, path in enumerate(candidates):
+            try:
+                meta = self.verify(path)
+            except CheckpointError as exc:
+                if index + 1 == len(candidates) or warn is None:
+                    raise
+                warn(f"warning: {exc}; trying {candidates[index + 1]}")
+                continue
+            self.load(path, meta)
+            return path, meta
+        raise CheckpointError("no checkpoint to resume from")
+
+    def load(self, path: Path, meta: dict[str, Any]) -> None:
+        """Restores every component from the checkpoint at `path` (whose verified meta is
+        `meta`), in registration order; DCP reshards as needed."""
+        for name, (component, sharded) in self._components.items():
+            if not sharded:
+                try:
+                    component.load_state_dict(meta[name])
+                except ConfigError as exc:
+                    raise ConfigError(f"checkpoint {path}: {exc}") from None
+                continue
+            state = {name: component.state_dict()}
+            dcp.load(state, checkpoint_id=path, process_group=self.ctx.group)
+            component.load_state_dict(state[name])
 
     @staticmethod
     def finished(path: Path) -> bool:

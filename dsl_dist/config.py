@@ -1,7 +1,9 @@
 """Typed job configuration: one dataclass per concern, validated before any process group starts.
 
 Hydra composes `configs/` on top of these schemas (registered by `register_configs`); the YAML
-files only override defaults, which live here and nowhere else.
+files of the groups only override defaults, which live here and nowhere else. The files of
+`configs/experiment/` pin every setting a benchmark depends on, defaults included, so that a
+changed default does not silently change a published figure.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Optional
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from dsl_dist.registry import MODELS, SPARSITY_METHODS
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")
 OPTIMIZERS = ("rowwise_adagrad", "adagrad", "adam", "sgd")
@@ -24,7 +28,8 @@ class ConfigError(ValueError):
     """A configuration value is out of range; the message names the key."""
 
 
-def _require(condition: bool, key: str, message: str, value: object) -> None:
+def require(condition: bool, key: str, message: str, value: object) -> None:
+    """Refuses `value` of config key `key` unless `condition` holds (ConfigError)."""
     if not condition:
         raise ConfigError(f"{key}={value!r}: {message}")
 
@@ -49,13 +54,10 @@ class DataConfig:
     """Rows mixed by the streaming shuffle buffer of each rank."""
 
     def validate(self) -> None:
-        _require(self.num_shards >= 1, "data.num_shards", "must be >= 1", self.num_shards)
-        _require(self.batch_size >= 1, "data.batch_size", "must be >= 1", self.batch_size)
-        _require(self.num_negatives >= 1, "data.num_negatives", "must be >= 1", self.num_negatives)
-        _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1", self.shuffle_buffer)
-
-
-MODELS = ("mf", "lightgcn", "neumf", "multvae")
+        require(self.num_shards >= 1, "data.num_shards", "must be >= 1", self.num_shards)
+        require(self.batch_size >= 1, "data.batch_size", "must be >= 1", self.batch_size)
+        require(self.num_negatives >= 1, "data.num_negatives", "must be >= 1", self.num_negatives)
+        require(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1", self.shuffle_buffer)
 
 
 @dataclass
@@ -74,11 +76,11 @@ class LightGCNConfig:
     exact)."""
 
     def validate(self) -> None:
-        _require(self.num_layers >= 1, "model.lightgcn.num_layers", "must be >= 1",
+        require(self.num_layers >= 1, "model.lightgcn.num_layers", "must be >= 1",
                  self.num_layers)
-        _require(self.propagation in ("bags", "full"), "model.lightgcn.propagation",
+        require(self.propagation in ("bags", "full"), "model.lightgcn.propagation",
                  "must be bags or full", self.propagation)
-        _require(self.max_neighbours >= 0, "model.lightgcn.max_neighbours", "must be >= 0",
+        require(self.max_neighbours >= 0, "model.lightgcn.max_neighbours", "must be >= 0",
                  self.max_neighbours)
 
 
@@ -93,9 +95,9 @@ class NeuMFConfig:
     """Widths of the MLP tower's hidden layers (its input is 2 × model.embedding_dim)."""
 
     def validate(self) -> None:
-        _require(self.gmf_dim >= 4 and self.gmf_dim % 4 == 0, "model.neumf.gmf_dim",
+        require(self.gmf_dim >= 4 and self.gmf_dim % 4 == 0, "model.neumf.gmf_dim",
                  "must be a positive multiple of 4 (FBGEMM's kernels need it)", self.gmf_dim)
-        _require(len(self.mlp_layers) > 0 and all(w >= 1 for w in self.mlp_layers),
+        require(len(self.mlp_layers) > 0 and all(w >= 1 for w in self.mlp_layers),
                  "model.neumf.mlp_layers", "must be a non-empty list of positive widths",
                  self.mlp_layers)
 
@@ -118,12 +120,12 @@ class MultVAEConfig:
     step / anneal_steps)."""
 
     def validate(self) -> None:
-        _require(self.latent_dim >= 1, "model.multvae.latent_dim", "must be >= 1",
+        require(self.latent_dim >= 1, "model.multvae.latent_dim", "must be >= 1",
                  self.latent_dim)
-        _require(0 <= self.dropout < 1, "model.multvae.dropout", "must be in [0, 1)",
+        require(0 <= self.dropout < 1, "model.multvae.dropout", "must be in [0, 1)",
                  self.dropout)
-        _require(self.beta_max >= 0, "model.multvae.beta_max", "must be >= 0", self.beta_max)
-        _require(self.anneal_steps >= 1, "model.multvae.anneal_steps", "must be >= 1",
+        require(self.beta_max >= 0, "model.multvae.beta_max", "must be >= 0", self.beta_max)
+        require(self.anneal_steps >= 1, "model.multvae.anneal_steps", "must be >= 1",
                  self.anneal_steps)
 
 
@@ -147,16 +149,17 @@ class ModelConfig:
     multvae: MultVAEConfig = field(default_factory=MultVAEConfig)
 
     def validate(self) -> None:
-        _require(self.name in MODELS, "model.name", f"known models: {', '.join(MODELS)}",
+        require(self.name in MODELS, "model.name", f"known models: {', '.join(MODELS)}",
                  self.name)
-        _require(self.embedding_dim >= 4 and self.embedding_dim % 4 == 0, "model.embedding_dim",
+        require(self.embedding_dim >= 4 and self.embedding_dim % 4 == 0, "model.embedding_dim",
                  "must be a positive multiple of 4 (FBGEMM's kernels need it)", self.embedding_dim)
-        _require(self.init_std > 0, "model.init_std", "must be > 0", self.init_std)
+        require(self.init_std > 0, "model.init_std", "must be > 0", self.init_std)
         for key, value in {"model.sharding_type": self.sharding_type,
                            **{f"model.table_sharding.{t}": s for t, s in self.table_sharding.items()}}.items():
-            _require(value in SHARDING_TYPES, key, f"must be one of {SHARDING_TYPES}", value)
-        if self.name in ("lightgcn", "neumf", "multvae"):
-            getattr(self, self.name).validate()
+            require(value in SHARDING_TYPES, key, f"must be one of {SHARDING_TYPES}", value)
+        section = getattr(self, self.name, None)  # a model's own settings, if it has any
+        if section is not None:
+            section.validate()
 
     def sharding_of(self, table: str) -> str:
         return self.table_sharding.get(table, self.sharding_type)
@@ -184,17 +187,17 @@ class TrainConfig:
     """Print the training loss every this many steps (0: never)."""
 
     def validate(self) -> None:
-        _require(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
-        _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps",
+        require(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
+        require(self.max_steps is None or self.max_steps >= 1, "train.max_steps",
                  "must be >= 1 or null", self.max_steps)
-        _require(self.optimizer in OPTIMIZERS, "train.optimizer", f"must be one of {OPTIMIZERS}",
+        require(self.optimizer in OPTIMIZERS, "train.optimizer", f"must be one of {OPTIMIZERS}",
                  self.optimizer)
-        _require(self.lr > 0, "train.lr", "must be > 0", self.lr)
-        _require(self.dense_optimizer in DENSE_OPTIMIZERS, "train.dense_optimizer",
+        require(self.lr > 0, "train.lr", "must be > 0", self.lr)
+        require(self.dense_optimizer in DENSE_OPTIMIZERS, "train.dense_optimizer",
                  f"must be one of {DENSE_OPTIMIZERS}", self.dense_optimizer)
-        _require(self.dense_lr > 0, "train.dense_lr", "must be > 0", self.dense_lr)
-        _require(self.l2_reg >= 0, "train.l2_reg", "must be >= 0", self.l2_reg)
-        _require(self.log_every >= 0, "train.log_every", "must be >= 0", self.log_every)
+        require(self.dense_lr > 0, "train.dense_lr", "must be > 0", self.dense_lr)
+        require(self.l2_reg >= 0, "train.l2_reg", "must be >= 0", self.l2_reg)
+        require(self.log_every >= 0, "train.log_every", "must be >= 0", self.log_every)
 
 
 @dataclass
@@ -209,11 +212,11 @@ class EvalConfig:
     """Users scored against all items at once on a rank."""
 
     def validate(self) -> None:
-        _require(len(self.ks) > 0 and all(k >= 1 for k in self.ks), "eval.ks",
+        require(len(self.ks) > 0 and all(k >= 1 for k in self.ks), "eval.ks",
                  "must be a non-empty list of positive integers", self.ks)
-        _require(self.split in ("valid", "test"), "eval.split", "must be valid or test", self.split)
-        _require(self.every_epochs >= 0, "eval.every_epochs", "must be >= 0", self.every_epochs)
-        _require(self.user_batch >= 1, "eval.user_batch", "must be >= 1", self.user_batch)
+        require(self.split in ("valid", "test"), "eval.split", "must be valid or test", self.split)
+        require(self.every_epochs >= 0, "eval.every_epochs", "must be >= 0", self.every_epochs)
+        require(self.user_batch >= 1, "eval.user_batch", "must be >= 1", self.user_batch)
 
 
 @dataclass
@@ -256,23 +259,37 @@ class SparsityConfig:
     see README). Needs reset_optimizer_state."""
 
     def validate(self, max_steps: Optional[int] = None) -> None:
-        _require(self.name in ("dense", "dsl"), "sparsity.name", "known methods: dense, dsl",
-                 self.name)
-        _require(0 < self.density <= 1, "sparsity.density", "must be in (0, 1]", self.density)
-        _require(self.delta_t >= 1, "sparsity.delta_t", "must be >= 1", self.delta_t)
-        _require(0 < self.zeta_0 <= 1, "sparsity.zeta_0", "must be in (0, 1]", self.zeta_0)
-        _require(0 <= self.zeta_min <= self.zeta_0, "sparsity.zeta_min",
-                 "must be in [0, sparsity.zeta_0]", self.zeta_min)
-        _require(self.t_end is None or self.t_end >= 1, "sparsity.t_end", "must be >= 1 or null",
-                 self.t_end)
-        _require(self.t_end is None or max_steps is None or self.t_end <= max_steps,
-                 "sparsity.t_end", f"is beyond training (train.max_steps={max_steps})", self.t_end)
-        _require(self.scope in ("global", "per_table"), "sparsity.scope",
+        require(self.name in SPARSITY_METHODS, "sparsity.name",
+                 f"known methods: {', '.join(SPARSITY_METHODS)}", self.name)
+        require(0 < self.density <= 1, "sparsity.density", "must be in (0, 1]", self.density)
+        check_schedule(self.delta_t, self.zeta_0, self.zeta_min, self.t_end, max_steps,
+                       "train.max_steps")
+        require(self.scope in ("global", "per_table"), "sparsity.scope",
                  "must be global or per_table", self.scope)
-        _require(self.growth in ("last_batch", "accumulated"), "sparsity.growth",
+        require(self.growth in ("last_batch", "accumulated"), "sparsity.growth",
                  "must be last_batch or accumulated", self.growth)
-        _require(self.growth_every >= 1, "sparsity.growth_every", "must be >= 1",
+        require(self.growth_every >= 1, "sparsity.growth_every", "must be >= 1",
                  self.growth_every)
+
+
+def is_int(value: object) -> bool:
+    """An int that is not a bool (True is an int to Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_schedule(delta_t: int, zeta_0: float, zeta_min: float, t_end: Optional[int],
+                   total_steps: Optional[int], total_key: str) -> None:
+    """The drop-and-grow schedule's fields (see `UpdateSchedule`), named `sparsity.<field>`;
+    t_end must not lie beyond `total_steps` (named `total_key`) when that is known."""
+    require(is_int(delta_t) and delta_t >= 1, "sparsity.delta_t", "must be an integer >= 1",
+             delta_t)
+    require(0 < zeta_0 <= 1, "sparsity.zeta_0", "must be in (0, 1]", zeta_0)
+    require(0 <= zeta_min <= zeta_0, "sparsity.zeta_min", f"must be in [0, zeta_0={zeta_0!r}]",
+             zeta_min)
+    require(t_end is None or (is_int(t_end) and t_end >= 1), "sparsity.t_end",
+             "must be null or an integer >= 1", t_end)
+    require(t_end is None or total_steps is None or t_end <= total_steps, "sparsity.t_end",
+             f"is beyond training ({total_key}={total_steps!r})", t_end)
 
 
 @dataclass
@@ -291,9 +308,9 @@ class CheckpointConfig:
     path of a checkpoint directory to start from."""
 
     def validate(self) -> None:
-        _require(self.every >= 0, "checkpoint.every", "must be >= 0", self.every)
-        _require(self.keep >= 1, "checkpoint.keep", "must be >= 1", self.keep)
-        _require(bool(self.resume), "checkpoint.resume", "must be auto, never or a path",
+        require(self.every >= 0, "checkpoint.every", "must be >= 0", self.every)
+        require(self.keep >= 1, "checkpoint.keep", "must be >= 1", self.keep)
+        require(bool(self.resume), "checkpoint.resume", "must be auto, never or a path",
                  self.resume)
 
 
@@ -310,7 +327,7 @@ class ControlConfig:
     """Name of an existing controller actor (set by the Ray launcher); null: a new one."""
 
     def validate(self) -> None:
-        _require(self.controller in ("auto", "collective", "ray"), "control.controller",
+        require(self.controller in ("auto", "collective", "ray"), "control.controller",
                  "must be auto, collective or ray", self.controller)
 
 
@@ -330,10 +347,10 @@ class RayConfig:
     """Worker-group restarts Ray Train may make after a failure."""
 
     def validate(self) -> None:
-        _require(self.num_workers >= 1, "ray.num_workers", "must be >= 1", self.num_workers)
-        _require(self.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0",
+        require(self.num_workers >= 1, "ray.num_workers", "must be >= 1", self.num_workers)
+        require(self.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0",
                  self.cpus_per_worker)
-        _require(self.max_failures >= -1, "ray.max_failures", "must be >= -1 (-1: unlimited)",
+        require(self.max_failures >= -1, "ray.max_failures", "must be >= -1 (-1: unlimited)",
                  self.max_failures)
 
 
@@ -357,10 +374,10 @@ class JobConfig:
                         self.control, self.ray):
             section.validate()
         self.sparsity.validate(self.train.max_steps)
-        _require(self.backend in ("auto", "gloo", "nccl"), "backend", "must be auto, gloo or nccl",
+        require(self.backend in ("auto", "gloo", "nccl"), "backend", "must be auto, gloo or nccl",
                  self.backend)
         on_cpu = self.backend == "gloo" or (self.backend == "auto" and not torch.cuda.is_available())
-        _require(not on_cpu or self.train.optimizer in CPU_OPTIMIZERS, "train.optimizer",
+        require(not on_cpu or self.train.optimizer in CPU_OPTIMIZERS, "train.optimizer",
                  f"FBGEMM on CPU offers {CPU_OPTIMIZERS}", self.train.optimizer)
 
 

@@ -58,7 +58,16 @@ class DistContext:
             raise error
         return result  # type: ignore[return-value]
 
+    def broadcast_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `tensor` on every rank, in place (same shape and dtype everywhere; bool is
+        sent as bytes, which every backend carries)."""
+        carried = tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor
+        dist.broadcast(carried, src=0, group=self.group)
+        return tensor
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks of `tensor` (a copy on this rank's device): the one reduction
+        of counts and metrics."""
         out = tensor.to(self.device).clone()
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
         return out

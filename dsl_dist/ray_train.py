@@ -2,8 +2,8 @@
 
 The driver runs the training loop of `dsl_dist.train` in a Ray Train `TorchTrainer` with
 `ray.num_workers` workers (gloo on CPU; NCCL, one GPU each, with `ray.use_gpu=true`). It
-creates the sparsity controller as a named actor itself, so the controller outlives any worker,
-and every evaluation is reported through Ray Train. On a cluster of several nodes, give
+creates the sparsity controller as a named actor itself, so the controller outlives any worker
+(a dense run never uses it), and every evaluation is reported through Ray Train. On a cluster of several nodes, give
 `data.source`, `data.path`, `run_dir` and `ray.storage_path` on storage every node sees.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,9 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from dsl_dist.cli import hydra_entry
 from dsl_dist.config import JobConfig
-from dsl_dist.control import controller_kind
+from dsl_dist.control import controller_kind, ray_address
 from dsl_dist.control.ray_controller import controller_actor
-from dsl_dist.run_log import default_run_dir
+from dsl_dist.run_log import run_dir_of
 from dsl_dist.train import build_trainer
 
 
@@ -59,17 +58,17 @@ def run_on_ray(cfg: JobConfig) -> dict[str, Any]:
     if not ray.is_initialized():
         # inside `ray job submit` RAY_ADDRESS names the cluster; without one, a private
         # single-machine instance
-        address = cfg.control.ray_address or os.environ.get("RAY_ADDRESS")
+        address = ray_address(cfg.control)
         if address:
             ray.init(address=address)
         else:
             ray.init(include_dashboard=False)
-    run_dir = Path(_local_path(cfg.run_dir or str(default_run_dir(
-        cfg.data.name, cfg.model.name, cfg.sparsity.name))))
+    run_dir = Path(_local_path(str(run_dir_of(cfg))))
     data = dataclasses.replace(cfg.data, source=_local_path(cfg.data.source),
                                path=_local_path(cfg.data.path))
     control = cfg.control
-    if cfg.sparsity.name == "dsl" and controller_kind(control) == "ray":
+    if controller_kind(control) == "ray":
+        # created by the driver, which outlives the workers (a dense run never connects)
         name = control.actor_name or f"dsl-controller-{run_dir.name}"
         controller_actor(name, ray.get_runtime_context().namespace)
         control = dataclasses.replace(control, controller="ray", actor_name=name)

@@ -5,24 +5,43 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from dsl_dist.config import JobConfig
 
 
 class RunDirError(ValueError):
     """The run directory cannot be used without overwriting an earlier run."""
 
 
-def default_run_dir(data: str, model: str, sparsity: str) -> Path:
-    return Path("runs") / f"{data}-{model}-{sparsity}-{time.strftime('%Y%m%d-%H%M%S')}"
+def run_dir_of(cfg: JobConfig) -> Path:
+    """`run_dir`, or by default runs/<data>-<model>-<sparsity>-<time>."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    return Path("runs") / (f"{cfg.data.name}-{cfg.model.name}-{cfg.sparsity.name}-"
+                           f"{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 class RunLog:
-    """Appends events to <run_dir>/metrics.jsonl; a no-op on ranks other than 0."""
+    """Appends events to <run_dir>/metrics.jsonl; a no-op on ranks other than 0.
+
+    As a checkpoint component it keeps how many events the log held: a run that resumes in
+    place (`resuming_in_place`, a restarted job) cuts metrics.jsonl back to that, so that the
+    events the resumed run writes again are not doubled."""
 
     def __init__(self, run_dir: Path, enabled: bool) -> None:
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
+        self.resuming_in_place = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lines": self.lines()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.resuming_in_place:
+            self.truncate(state["lines"])
 
     def claim(self) -> None:
         """Creates the run directory and an empty metrics.jsonl, refusing a directory that

@@ -12,8 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from torchrec import KeyedJaggedTensor
 
-from dsl_dist.checkpoint import (CheckpointError, CheckpointStore, check_compatible,
-                                 complete_checkpoints, fingerprint)
+from dsl_dist.checkpoint import CheckpointStore, ConfigFingerprint, complete_checkpoints
 from dsl_dist.cli import hydra_entry
 from dsl_dist.config import JobConfig
 from dsl_dist.control import connect_controller
@@ -25,13 +24,54 @@ from dsl_dist.evaluation import evaluate
 from dsl_dist.model.base import PAIRS
 from dsl_dist.model.registry import build_model, prepare_model_data
 from dsl_dist.model.sharding import dense_optimizer, embedding_tables, shard_model
-from dsl_dist.model.shards import dense_blocks, init_normal_, local_table_shards
-from dsl_dist.run_log import RunDirError, RunLog, default_run_dir
-from dsl_dist.sparsity.dsl import DynamicSparseTraining
+from dsl_dist.model.shards import init_normal_, local_table_shards
+from dsl_dist.registry import SPARSITY_METHODS, load
+from dsl_dist.run_log import RunDirError, RunLog, run_dir_of
+from dsl_dist.sparsity.base import SparsitySetup
+from dsl_dist.sparsity.schedule import UpdateSchedule
+
+
+class OptimizerState:
+    """An unfused optimizer as a checkpoint component. Adam's state appears at its first step,
+    so a resume, which asks for the state before any step, creates it to load into."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.optimizer.state:
+            self.optimizer.init_state()
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+class TrainingProgress:
+    """The step and the running loss sums of the current epoch (each rank its own). After a
+    resume on another world size the epoch restarts (the stream does the same), so its sums
+    start again."""
+
+    def __init__(self, ctx: DistContext) -> None:
+        self.ctx = ctx
+        self.step = 0
+        self.epoch_loss, self.epoch_steps = 0.0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "world_size": self.ctx.world_size,
+                "epoch_steps": self.epoch_steps,
+                "epoch_loss": self.ctx.all_gather_object(self.epoch_loss)}  # per rank
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        if state["world_size"] == self.ctx.world_size:
+            self.epoch_loss = state["epoch_loss"][self.ctx.rank]
+            self.epoch_steps = state["epoch_steps"]
 
 
 class Trainer:
-    """Owns the sharded model, its optimizers and the data stream of one rank."""
+    """Owns the sharded model, its optimizers, the sparsity method and the data stream of one
+    rank; every piece of state is registered with the checkpoint store."""
 
     def __init__(self, cfg: JobConfig, ctx: DistContext, log: RunLog,
                  checkpoints: CheckpointStore) -> None:
@@ -41,23 +81,43 @@ class Trainer:
             Path(cfg.data.source), self.dataset_dir, name=cfg.data.name,
             num_shards=cfg.data.num_shards, seed=cfg.train.seed))
         ctx.main_then_broadcast(lambda: prepare_model_data(cfg, self.dataset_dir))
+        method = load(SPARSITY_METHODS, cfg.sparsity.name)
         module = build_model(cfg, self.manifest, self.dataset_dir)
+        if hasattr(method, "transform_model"):
+            module = method.transform_model(cfg.sparsity, module)
         self.stream = self._stream(module.batches)
         tables = embedding_tables(module)
         torch.manual_seed(cfg.train.seed)  # dense layers (DDP then copies rank 0's everywhere)
         self.model = shard_model(module, cfg.model, cfg.train, ctx)
         init_normal_(local_table_shards(self.model), cfg.model.init_std, cfg.train.seed)
         self.dense_optimizer = dense_optimizer(self.model, cfg.train)
-        self.step = 0
-        self.epoch_loss, self.epoch_steps = 0.0, 0  # running sums of the current epoch
+        self.progress = TrainingProgress(ctx)
         epoch_steps = cfg.train.epochs * self.stream.steps_per_epoch
         self.total_steps = min(epoch_steps, cfg.train.max_steps or epoch_steps)
-        self.sparsity = (DynamicSparseTraining(
-            cfg.sparsity, self.model, tables, ctx, self.total_steps, cfg.train.seed,
-            dense=dense_blocks(self.model, cfg.sparsity.dense_parameters, self.dense_optimizer),
-            connect=lambda schedule, budgets: connect_controller(cfg.control, ctx, schedule,
-                                                                 budgets))
-            if cfg.sparsity.name == "dsl" else None)
+        self.sparsity = method.build(SparsitySetup(
+            cfg.sparsity, cfg.train.seed, self.model, tables, ctx, self.total_steps,
+            self.dense_optimizer, connect=lambda budgets: connect_controller(
+                cfg.control, ctx, UpdateSchedule.of(cfg.sparsity, self.total_steps), budgets)))
+        self._register_state()
+
+    def _register_state(self) -> None:
+        """Everything a checkpoint keeps, in the order it is restored: the settings first (a
+        checkpoint of others is refused before anything is read), the run log last (it is cut
+        back only once everything else has loaded)."""
+        store = self.checkpoints
+        store.register("config", ConfigFingerprint(self.cfg), sharded=False)
+        store.register("progress", self.progress, sharded=False)
+        store.register("stream", self.stream, sharded=False)
+        store.register("model", self.model, sharded=True)
+        store.register("optimizer", self.model.fused_optimizer, sharded=True)
+        if self.dense_optimizer is not None:
+            store.register("dense_optimizer", OptimizerState(self.dense_optimizer), sharded=True)
+        self.sparsity.register_state(store)
+        store.register("run_log", self.log, sharded=False)
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
 
     def _stream(self, batches: str) -> EpochStream:
         """The training batches of this rank for a model fed `batches` (see model/base.py)."""
@@ -74,32 +134,29 @@ class Trainer:
 
     def train_step(self, batch: KeyedJaggedTensor) -> torch.Tensor:
         """Forward, backward (which also updates the fused embedding tables), dense update,
-        then the sparsity masks (and, every delta_t steps, drop-and-grow)."""
-        if self.sparsity:
-            self.sparsity.before_step(self.step + 1)
+        then the sparsity method's step (and, at its update steps, drop-and-grow)."""
+        self.sparsity.before_step(self.step + 1)
         loss = self.model(batch.to(self.ctx.device))
         loss.backward()
-        if self.sparsity:
-            self.sparsity.after_backward()
+        self.sparsity.after_backward()
         if self.dense_optimizer is not None:
             self.dense_optimizer.step()
             self.dense_optimizer.zero_grad()
-        self.step += 1
-        if self.sparsity:
-            update = self.sparsity.after_optimizer_step(self.step)
-            if update:
-                self.log.write("update", **update)
+        self.progress.step += 1
+        update = self.sparsity.after_optimizer_step(self.step)
+        if update:
+            self.log.write("update", **update)
         return loss.detach()
 
     def train_epoch(self) -> None:
         """Trains the rest of the stream's current epoch (all of it unless resumed), saving
         a checkpoint every `checkpoint.every` steps."""
-        epoch, every = self.stream.epoch, self.cfg.checkpoint.every
+        epoch, every, progress = self.stream.epoch, self.cfg.checkpoint.every, self.progress
         started, steps = time.perf_counter(), 0
         for batch in self.stream:
             loss = self.train_step(batch).item()
-            self.epoch_loss += loss
-            self.epoch_steps += 1
+            progress.epoch_loss += loss
+            progress.epoch_steps += 1
             steps += 1
             if self.cfg.train.log_every and self.step % self.cfg.train.log_every == 0:
                 self.log.print(f"step {self.step} loss {loss:.4f}")
@@ -109,8 +166,9 @@ class Trainer:
                 self.save_checkpoint()
         seconds = time.perf_counter() - started
         mean_loss = float(self.ctx.all_reduce_sum(torch.tensor(
-            self.epoch_loss / max(self.epoch_steps, 1), dtype=torch.float64))) / self.ctx.world_size
-        self.epoch_loss, self.epoch_steps = 0.0, 0
+            progress.epoch_loss / max(progress.epoch_steps, 1), dtype=torch.float64))
+        ) / self.ctx.world_size
+        progress.epoch_loss, progress.epoch_steps = 0.0, 0
         self.stream.set_epoch(epoch + 1)
         samples = steps * self.cfg.data.batch_size * self.ctx.world_size
         peak_rss_mb = self.ctx.all_gather_object(
@@ -148,66 +206,15 @@ class Trainer:
         self.save_checkpoint(finished=True)
         return metrics
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        """What DCP saves and loads in place: each rank's shards of the tables, their fused
-        optimizer state, the dense optimizer and the sparsity state."""
-        state: dict[str, Any] = {"model": self.model.state_dict(),
-                                 "optimizer": self.model.fused_optimizer.state_dict()}
-        if self.dense_optimizer is not None:
-            state["dense_optimizer"] = self.dense_optimizer.state_dict()
-        if self.sparsity:
-            state["sparsity"] = self.sparsity.state_dict()
-        return state
-
     def save_checkpoint(self, finished: bool = False) -> Path:
-        controller = self.sparsity.controller.state_dict() if self.sparsity else None
-        meta = {"step": self.step, "finished": finished, "world_size": self.ctx.world_size,
-                "stream": self.stream.state_dict(), "epoch_steps": self.epoch_steps,
-                "epoch_loss": self.ctx.all_gather_object(self.epoch_loss),  # per rank
-                "controller": controller,
-                "log_lines": self.log.lines(), "config": fingerprint(self.cfg)}
-        path = self.checkpoints.save(self.step, self.checkpoint_state(), meta)
+        path = self.checkpoints.save(self.step, finished)
         self.log.print(f"checkpoint {path}")
         return path
 
-    def resume(self, candidates: list[Path], in_place: bool) -> None:
-        """Continues from the first loadable checkpoint of `candidates` (newest first); a
-        corrupt or partial one is reported and the next tried. In place (a restarted run):
-        metrics.jsonl is cut back to what it held at the checkpoint, so that the lines the
-        resumed run writes again are not doubled."""
-        for index, path in enumerate(candidates):
-            try:
-                meta = self.checkpoints.verify(path)
-            except CheckpointError as exc:
-                if index + 1 == len(candidates):
-                    raise
-                self.log.print(f"warning: {exc}; trying {candidates[index + 1]}",
-                               file=sys.stderr)
-                continue
-            check_compatible(path, meta["config"], self.cfg)
-            if self.dense_optimizer is not None:  # Adam's state is lazy: create it to load into
-                self.dense_optimizer.init_state()
-            state = self.checkpoint_state()
-            self.checkpoints.load(path, state)
-            break
-        self.model.load_state_dict(state["model"])
-        self.model.fused_optimizer.load_state_dict(state["optimizer"])
-        if self.dense_optimizer is not None:
-            self.dense_optimizer.load_state_dict(state["dense_optimizer"])
-        if self.sparsity:
-            self.sparsity.after_load()
-            self.sparsity.controller.load_state_dict(meta["controller"])
-        self.step = meta["step"]
-        stream = meta["stream"]
-        if meta["world_size"] == self.ctx.world_size:
-            self.stream.load_state_dict(stream)
-            self.epoch_loss = meta["epoch_loss"][self.ctx.rank]
-            self.epoch_steps = meta["epoch_steps"]
-        else:  # batches depend on the world size: go on from the next epoch's start
-            self.stream.load_state_dict({"epoch": stream["epoch"] + bool(stream["batches_done"]),
-                                         "batches_done": 0})
-        if in_place:
-            self.log.truncate(meta["log_lines"])
+    def resume(self, candidates: list[Path]) -> None:
+        """Continues from the first loadable checkpoint of `candidates` (newest first)."""
+        path, meta = self.checkpoints.resume(
+            candidates, warn=lambda message: self.log.print(message, file=sys.stderr))
         self.log.print(f"resumed from {path} at step {self.step} "
                        f"(saved by {meta['world_size']} rank(s))")
 
@@ -217,21 +224,20 @@ def build_trainer(cfg: JobConfig) -> Trainer:
     directory and builds this rank's trainer."""
     cfg.validate()
     ctx = init_distributed(cfg.backend)
-    run_dir = ctx.broadcast_object(Path(cfg.run_dir) if cfg.run_dir else default_run_dir(
-        cfg.data.name, cfg.model.name, cfg.sparsity.name))
+    run_dir = ctx.broadcast_object(run_dir_of(cfg))
     log = RunLog(run_dir, enabled=ctx.is_main)
     store = CheckpointStore(Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else
                             run_dir / "checkpoints", cfg.checkpoint.keep, ctx)
     candidates = ctx.main_then_broadcast(lambda: _resume_candidates(cfg, store, log))
-    in_place = cfg.checkpoint.resume == "auto" and bool(candidates)
-    if not in_place:
+    log.resuming_in_place = cfg.checkpoint.resume == "auto" and bool(candidates)
+    if not log.resuming_in_place:
         ctx.main_then_broadcast(log.claim)
         if ctx.is_main:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     log.print(f"run_dir {run_dir}, {ctx.world_size} rank(s), backend {ctx.backend}")
     trainer = Trainer(cfg, ctx, log, store)
     if candidates:
-        trainer.resume(candidates, in_place)
+        trainer.resume(candidates)
     return trainer
 
 

@@ -85,3 +85,19 @@ def test_every_model_is_a_config_group(model: str) -> None:
 def test_adam_is_refused_on_cpu() -> None:
     with pytest.raises(ConfigError, match=r"^train.optimizer='adam': FBGEMM on CPU"):
         load("train.optimizer=adam").validate()
+
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("sparsity", ["dense", "dsl"])
+def test_every_experiment_composes_and_validates(experiment: str, sparsity: str) -> None:
+    """A renamed or mistyped key in a benchmark's config fails here, not in a benchmark run."""
+    cfg = load(f"+experiment={experiment}", f"sparsity={sparsity}")
+    cfg.validate()
+    assert cfg.data.name in experiment
+
+
+def test_the_experiments_are_found() -> None:
+    assert {"mf_gowalla", "lightgcn_gowalla", "neumf_lastfm", "multvae_lastfm"} <= set(EXPERIMENTS)

@@ -38,3 +38,14 @@ def test_state_round_trips_and_refuses_another_budget() -> None:
     assert longer.history == controller.history and longer.schedule.total_steps == 200
     with pytest.raises(ValueError, match="budgets"):
         SparsityController(SCHEDULE, [999]).load_state_dict(controller.state_dict())
+
+
+def test_an_update_step_is_planned_once() -> None:
+    """The history tells which updates ran: planning one of them again (a worker group that
+    replays steps its controller already recorded) is refused."""
+    controller = SparsityController(SCHEDULE, [1000])
+    controller.plan(10)
+    controller.record({"step": 10, "active": 1000})
+    with pytest.raises(RuntimeError, match="planned again"):
+        controller.plan(10)
+    assert controller.plan(20)

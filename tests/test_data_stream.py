@@ -97,15 +97,26 @@ def test_resume_from_state_dict_yields_the_remaining_batches(dataset: Path) -> N
     for _ in range(5):
         next(iterator)
     state = interrupted.state_dict()
-    assert state == {"epoch": 1, "batches_done": 5}
+    assert state == {"epoch": 1, "batches_done": 5, "world_size": 2}
     resumed = stream(dataset, 0, 2)
     resumed.load_state_dict(state)
     resumed.set_epoch(1)  # a training loop sets the epoch again: the resume point stays
     assert same_batches(list(resumed), full[5:])
-    assert resumed.state_dict() == {"epoch": 1, "batches_done": len(full)}
+    assert resumed.state_dict() == {"epoch": 1, "batches_done": len(full), "world_size": 2}
     assert same_batches(list(resumed), full), "only the first iteration after loading resumes"
     resumed.set_epoch(2)
-    assert resumed.state_dict() == {"epoch": 2, "batches_done": 0}
+    assert resumed.state_dict() == {"epoch": 2, "batches_done": 0, "world_size": 2}
+
+
+def test_a_state_of_another_world_size_goes_on_from_the_next_epoch(dataset: Path) -> None:
+    """The batches depend on the world size, so a stream cannot keep the place of a state
+    saved by another one: it starts the next epoch (or the same one, if none was taken)."""
+    resumed = stream(dataset, 0, 1)
+    resumed.load_state_dict({"epoch": 3, "batches_done": 5, "world_size": 2})
+    assert resumed.state_dict() == {"epoch": 4, "batches_done": 0, "world_size": 1}
+    assert same_batches(list(resumed), list(stream(dataset, 0, 1, epoch=4)))
+    resumed.load_state_dict({"epoch": 3, "batches_done": 0, "world_size": 2})
+    assert resumed.state_dict() == {"epoch": 3, "batches_done": 0, "world_size": 1}
 
 
 def test_batch_layout(dataset: Path) -> None:
@@ -254,7 +265,7 @@ def test_history_batches_are_seeded_by_epoch_and_resume_mid_epoch(dataset: Path)
     taken = [b for _, b in zip(range(3), s)]
     resumed = histories(dataset, 1, 2)
     resumed.load_state_dict(s.state_dict())
-    assert s.state_dict() == {"epoch": 4, "batches_done": 3}
+    assert s.state_dict() == {"epoch": 4, "batches_done": 3, "world_size": 2}
     assert same_batches(taken + list(resumed), first)
     limited = histories(dataset, 0, 2, epoch=4)
     limited.steps_per_epoch = 2  # as the trainer sets it: the smallest over the ranks

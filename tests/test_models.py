@@ -65,7 +65,7 @@ def train_sparse_and_check(overrides: list[str]) -> dict:
     trainer = build_trainer(load(*overrides))
     metrics = trainer.fit()
     result = {"metrics": metrics}
-    if trainer.sparsity:
+    if trainer.cfg.sparsity.name == "dsl":
         shards = trainer.sparsity.shards
         result["zeros"] = all(bool((s.shard.weight[~s.mask] == 0).all()) for s in shards)
         result["sparsified"] = sorted({s.table for s in shards})  # this rank's shards

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from dsl_dist.sparsity.selection import all_reduce_counts, local_counts, select_extreme
+from dsl_dist.sparsity.selection import local_counts, select_extreme
 
 # A few distinct values, so that most selections straddle a tie; includes both zeros,
 # infinities, subnormals and values whose float32 bit patterns differ in low bits only.
@@ -389,13 +389,16 @@ def _real_data() -> tuple[torch.Tensor, torch.Tensor]:
 def _real_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
+    from dsl_dist.distributed import DistContext
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=60))
     try:
         scores, positions = _real_data()
         mine = torch.arange(rank, REAL_N, world)  # interleaved split of the same candidates
-        reduce = all_reduce_counts()
+        reduce = DistContext(rank, world, torch.device("cpu"), "gloo",
+                             dist.group.WORLD).all_reduce_sum
         result: dict[str, Any] = {}
         for largest, k in REAL_CASES:
             chosen = select_extreme(scores[mine], positions[mine], k, largest=largest,

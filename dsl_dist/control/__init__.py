@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 from dsl_dist.config import ConfigError, ControlConfig
-from dsl_dist.control.controller import CollectiveController, Controller
+from dsl_dist.control.controller import SparsityController
 from dsl_dist.distributed import DistContext
+from dsl_dist.sparsity.base import Controller
 from dsl_dist.sparsity.schedule import UpdateSchedule
 
 RAY_NAMESPACE = "dsl-dist"
 """Namespace of the controller actors of torchrun jobs (Ray jobs use their own)."""
 
 
-def _ray_address(cfg: ControlConfig) -> str | None:
+def ray_address(cfg: ControlConfig) -> Optional[str]:
+    """The Ray cluster to use: `control.ray_address`, else the RAY_ADDRESS variable."""
     return cfg.ray_address or os.environ.get("RAY_ADDRESS")
 
 
@@ -21,7 +24,7 @@ def controller_kind(cfg: ControlConfig) -> str:
     """collective or ray: `auto` is ray inside a Ray job or when a Ray address is given."""
     if cfg.controller != "auto":
         return cfg.controller
-    if _ray_address(cfg):
+    if ray_address(cfg):
         return "ray"
     import ray  # only now: importing ray costs a second
 
@@ -30,16 +33,17 @@ def controller_kind(cfg: ControlConfig) -> str:
 
 def connect_controller(cfg: ControlConfig, ctx: DistContext, schedule: UpdateSchedule,
                        budgets: list[int]) -> Controller:
-    """This rank's controller. Collective: call on every rank. Ray: rank 0 creates (or finds)
-    the named actor, the other ranks find it after a barrier."""
+    """This rank's controller. Collective: a replica on every rank. Ray: rank 0 creates (or
+    finds) the named actor, the other ranks find it after a barrier (collective: every rank
+    calls this)."""
     if controller_kind(cfg) == "collective":
-        return CollectiveController(schedule, budgets, ctx.group)
+        return SparsityController(schedule, budgets)
     import ray
 
     from dsl_dist.control.ray_controller import RayController, controller_actor
 
     if not ray.is_initialized():
-        address = _ray_address(cfg)
+        address = ray_address(cfg)
         if not address:
             raise ConfigError("control.controller=ray: no Ray cluster to connect to; set "
                               "control.ray_address or RAY_ADDRESS")
@@ -52,4 +56,4 @@ def connect_controller(cfg: ControlConfig, ctx: DistContext, schedule: UpdateSch
     ctx.barrier()
     if not ctx.is_main:
         actor = ray.get_actor(name, namespace=namespace)
-    return RayController(actor, session, schedule, budgets, ctx.world_size)
+    return RayController(actor, session, schedule, budgets, ctx.world_size, ctx.is_main)

@@ -1,24 +1,21 @@
-"""The cluster-wide side of sparse training: budget, schedule, selection rounds and history.
+"""The cluster-wide side of sparse training: budget, schedule, plan and history.
 
-Workers never decide alone what moves. At an update they ask the controller how many weights
-each group moves (`plan`), exchange the counts of every selection round through it
-(`reduce_counts`: per-rank histograms in, their sum out, from which every rank takes the same
-threshold decision) and report the outcome (`record`). Only count vectors cross to the
-controller: O(ranks × rounds × 65536) integers per update, never a weight or a gradient.
+This is the control plane. At an update every rank asks the controller how many weights each
+budget group moves (`plan`), the ranks then select them together over the training process
+group (the data plane: count histograms all-reduced, see dsl_dist/sparsity/selection.py, so
+nothing of it grows with the world size here), and every rank reports the outcome (`record`),
+which the controller checks against the budget and keeps in its history.
 
-One interface, two transports: `CollectiveController` below (torch.distributed; every rank
-holds an identical replica, so torchrun needs no other service) and `RayController`
-(dsl_dist/control/ray_controller.py; a named Ray actor holds the only copy). Integer sums are
-exact, so both give bit-identical masks.
+One `SparsityController`, two homes: a replica on every rank (`collective`: torchrun needs no
+other service, and replicas agree because plans are a pure function of the schedule and every
+rank records the same outcome), or a named Ray actor holding the only copy
+(dsl_dist/control/ray_controller.py), which outlives the workers and keeps a Ray job's history.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Protocol
-
-import torch
-import torch.distributed as dist
+from typing import Any
 
 from dsl_dist.sparsity.schedule import UpdateSchedule
 
@@ -31,12 +28,16 @@ class SparsityController:
         self.budgets = list(budgets)
         """Active weights of each group of tables ranked together."""
         self.history: list[dict[str, Any]] = []
-        """One record per drop-and-grow, as written to metrics.jsonl."""
+        """One record per drop-and-grow, as written to metrics.jsonl; it also tells which
+        update steps have run, so that none runs twice."""
 
     def plan(self, step: int) -> list[int]:
         """How many weights each group drops (and grows) at update step `step`."""
         if not self.schedule.is_update_step(step):
             raise ValueError(f"step {step} is not an update step of {self.schedule}")
+        if self.history and step <= self.history[-1]["step"]:
+            raise RuntimeError(f"update at step {step} planned again: the controller's "
+                               f"history already ends at step {self.history[-1]['step']}")
         return [self.schedule.num_to_move(step, budget) for budget in self.budgets]
 
     def record(self, update: dict[str, Any]) -> None:
@@ -56,35 +57,3 @@ class SparsityController:
             raise ValueError(f"controller state has budgets {state['budgets']}, this run "
                              f"{self.budgets}")
         self.history = list(state["history"])
-
-
-class Controller(Protocol):
-    """What the workers of a job see of the controller (every method is called by every
-    rank in the same order, except `record`, called by rank 0)."""
-
-    schedule: UpdateSchedule
-
-    def plan(self, step: int) -> list[int]: ...
-
-    def reduce_counts(self, counts: torch.Tensor) -> torch.Tensor: ...
-
-    def record(self, update: dict[str, Any]) -> None: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-class CollectiveController(SparsityController):
-    """The controller as a replica on every rank, its rounds reduced with all_reduce: every
-    rank takes the decision rank 0 would take from the same sums, without a broadcast."""
-
-    def __init__(self, schedule: UpdateSchedule, budgets: list[int],
-                 group: dist.ProcessGroup) -> None:
-        super().__init__(schedule, budgets)
-        self.group = group
-
-    def reduce_counts(self, counts: torch.Tensor) -> torch.Tensor:
-        out = counts.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
-        return out

@@ -97,14 +97,17 @@ class EpochStream:
     """Epochs of batches that every rank cuts alike, resumable within an epoch.
 
     Each iteration is one pass over the epoch set by `set_epoch`; after `load_state_dict`, the
-    next one starts after the batches that the saved state had already taken. Subclasses set
-    `steps_per_epoch` and yield from `_batches(skip)`, which must not yield the first `skip`
-    batches of the epoch.
+    next one starts after the batches that the saved state had already taken. A state saved
+    with another world size cannot keep its place (the batches depend on the world size): the
+    stream goes on from the start of the next epoch. Subclasses set `steps_per_epoch` and
+    yield from `_batches(skip)`, which must not yield the first `skip` batches of the epoch.
     """
 
     steps_per_epoch: int
 
-    def __init__(self) -> None:
+    def __init__(self, rank: int, world_size: int) -> None:
+        _check_rank(rank, world_size)
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.batches_done = 0
         self._resume_at = 0  # batches the next iteration skips
@@ -116,10 +119,14 @@ class EpochStream:
             self.epoch, self.batches_done, self._resume_at = epoch, 0, 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
+        return {"epoch": self.epoch, "batches_done": self.batches_done,
+                "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        if state.get("world_size", self.world_size) != self.world_size:
+            epoch, done = epoch + bool(done), 0
+        self.epoch, self.batches_done = epoch, done
         self._resume_at = self.batches_done
 
     def __iter__(self) -> Iterator[KeyedJaggedTensor]:
@@ -145,11 +152,9 @@ class InteractionStream(EpochStream):
     def __init__(self, dataset_dir: Path, *, rank: int, world_size: int, batch_size: int,
                  num_negatives: int = 1, seed: int = 0, shuffle_buffer: int = 65536,
                  verify_checksums: bool = True) -> None:
-        super().__init__()
-        _check_rank(rank, world_size)
+        super().__init__(rank, world_size)
         self.manifest = Manifest.load(dataset_dir)
         self.reader = ShardReader(dataset_dir, self.manifest, verify_checksums)
-        self.rank, self.world_size = rank, world_size
         self.batch_size, self.num_negatives = batch_size, num_negatives
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.keys = [USER_FEATURE, ITEM_FEATURE, *negative_feature_names(num_negatives)]
@@ -267,11 +272,10 @@ class UserHistoryStream(EpochStream):
 
     def __init__(self, dataset_dir: Path, *, rank: int, world_size: int, batch_size: int,
                  seed: int = 0, verify_checksums: bool = True) -> None:
-        super().__init__()
-        _check_rank(rank, world_size)
+        super().__init__(rank, world_size)
         self.histories = read_user_items(dataset_dir, "train", rank=rank, world_size=world_size,
-                                     verify_checksums=verify_checksums)
-        self.rank, self.world_size, self.batch_size, self.seed = rank, world_size, batch_size, seed
+                                         verify_checksums=verify_checksums)
+        self.batch_size, self.seed = batch_size, seed
         self.local_steps = len(self.histories.users) // batch_size
         if self.local_steps == 0:
             raise DataError(f"{dataset_dir}: rank {rank} of {world_size} holds "

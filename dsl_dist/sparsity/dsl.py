@@ -2,51 +2,40 @@
 budget.
 
 Every rank holds the masks of its own shards. Initial masks and every drop-and-grow are chosen
-by `select_extreme` over the candidates of all ranks, whose rounds of counts go through the
-job's controller (dsl_dist/control), so the choice is exact, deterministic and independent of
-the world size and of the controller's transport. Data-parallel tables are replicated: rank 0
-alone offers their candidates and broadcasts the result.
+by `select_extreme` over the candidates of all ranks, whose rounds of counts are all-reduced
+over the training process group, so the choice is exact, deterministic and independent of the
+world size and of where the controller lives. The controller (dsl_dist/control) only says how
+many weights each update moves and keeps the outcome. Data-parallel tables are replicated:
+rank 0 alone offers their candidates and broadcasts the result.
+
+The criteria are the paper's: drop the active weights of smallest |w|, grow the inactive
+weights of largest growth statistic (|gradient|, see growth.py).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
-import torch.distributed as dist
-from torch import nn
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharding_spec import ShardMetadata
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 
 from dsl_dist.config import ConfigError, SparsityConfig
-from dsl_dist.control.controller import CollectiveController, Controller
 from dsl_dist.distributed import DistContext
-from dsl_dist.model.shards import DenseBlock, local_table_shards
+from dsl_dist.model.shards import DenseBlock, WeightBlock, dense_blocks, local_table_shards
+from dsl_dist.sparsity.base import Controller, SparsityMethod, SparsitySetup
 from dsl_dist.sparsity.fastops import any_per_row, flat_nonzero
 from dsl_dist.sparsity.growth import GrowthRecorder, concat
-from dsl_dist.sparsity.masks import MaskedShard, uniform_hash
-from dsl_dist.sparsity.schedule import UpdateSchedule
+from dsl_dist.sparsity.masks import POSITION_SCRAMBLE, MaskedShard, uniform_hash
 from dsl_dist.sparsity.selection import select_extreme
 
-_TIE_SCRAMBLE = 0x9E3779B97F4A7C15 - (1 << 64)  # odd: multiplying by it permutes [0, 2**bits)
 _DIGEST_BITS = 32
 
-ConnectController = Callable[[UpdateSchedule, list[int]], Controller]
-"""Builds this rank's controller from the schedule and the budget of every group."""
-
-
-class MagnitudeGradientScoring:
-    """DSL's scores: drop the active weights of smallest |w|, grow the inactive weights of
-    largest growth statistic (|gradient|). Subclass to change the criteria."""
-
-    def drop_scores(self, shard: MaskedShard) -> torch.Tensor:
-        return shard.shard.weight.abs()
-
-    def grow_scores(self, shard: MaskedShard) -> torch.Tensor:
-        return shard.growth
+if TYPE_CHECKING:
+    from dsl_dist.checkpoint import CheckpointStore
 
 
 @dataclass(frozen=True)
@@ -57,43 +46,69 @@ class Group:
     budget: int
 
 
-class DynamicSparseTraining:
-    """Masks, schedule and drop-and-grow for the embedding tables of one sharded model, and
-    the dense parameters in `dense` (each treated as a table of its own name)."""
+def table_shapes(tables: list[BaseEmbeddingConfig],
+                 dense: Sequence[DenseBlock]) -> dict[str, tuple[int, int]]:
+    """(rows, cols) of every table and dense block, by name, in name order: the order of the
+    global positions (see masks.py), sparsified or not."""
+    shapes = {t.name: (t.num_embeddings, t.embedding_dim) for t in tables}
+    shapes.update({b.table: (b.num_rows, b.num_cols) for b in dense})
+    return dict(sorted(shapes.items()))
 
-    def __init__(self, cfg: SparsityConfig, model: nn.Module, tables: list[BaseEmbeddingConfig],
-                 ctx: DistContext, total_steps: int, seed: int,
-                 dense: Sequence[DenseBlock] = (),
-                 scoring: Optional[MagnitudeGradientScoring] = None,
-                 connect: Optional[ConnectController] = None) -> None:
-        shapes = {t.name: (t.num_embeddings, t.embedding_dim) for t in tables}
-        unknown = sorted(set(cfg.tables) - set(shapes))
-        if unknown:
-            raise ConfigError(f"sparsity.tables={cfg.tables!r}: no table(s) {unknown}; the model "
-                              f"has {sorted(shapes)}")
-        shapes.update({b.table: (b.num_rows, b.num_cols) for b in dense})
+
+def sparsified_tables(cfg: SparsityConfig, tables: list[BaseEmbeddingConfig],
+                      dense: Sequence[DenseBlock]) -> list[str]:
+    """The tables `sparsity.tables` names (all if empty; one the model lacks is refused) and
+    the dense blocks, in name order."""
+    names = [t.name for t in tables]
+    unknown = sorted(set(cfg.tables) - set(names))
+    if unknown:
+        raise ConfigError(f"sparsity.tables={cfg.tables!r}: no table(s) {unknown}; the model "
+                          f"has {sorted(names)}")
+    return sorted([*(cfg.tables or names), *(b.table for b in dense)])
+
+
+def budget_groups(cfg: SparsityConfig, sizes: dict[str, int]) -> list[Group]:
+    """The groups of sparsified tables (`sizes`: weights by name) ranked together (all of
+    them, or one per table) and their budgets."""
+    names = list(sizes)
+    groups = [tuple(names)] if cfg.scope == "global" else [(n,) for n in names]
+    result = [Group(g, round(cfg.density * sum(sizes[n] for n in g))) for g in groups]
+    for group in result:
+        if group.budget < 1:
+            raise ConfigError(f"sparsity.density={cfg.density}: leaves no active weight in "
+                              f"table(s) {list(group.tables)}")
+    return result
+
+
+def build(setup: SparsitySetup) -> DynamicSparseTraining:
+    """DSL over the sparsified tables and dense parameters of `setup.model`."""
+    cfg = setup.cfg
+    dense = dense_blocks(setup.model, cfg.dense_parameters, setup.dense_optimizer)
+    shapes = table_shapes(setup.tables, dense)
+    names = sparsified_tables(cfg, setup.tables, dense)
+    groups = budget_groups(cfg, {n: shapes[n][0] * shapes[n][1] for n in names})
+    controller = setup.connect([g.budget for g in groups])
+    blocks = [s for s in [*local_table_shards(setup.model), *dense] if s.table in names]
+    return DynamicSparseTraining(cfg, blocks, shapes, groups, setup.ctx, setup.seed, controller)
+
+
+class DynamicSparseTraining(SparsityMethod):
+    """Masks and drop-and-grow for this rank's `blocks` (table shards and dense parameters) of
+    the tables ranked in `groups`, positioned among all tables in `shapes`; `controller`
+    plans the updates."""
+
+    def __init__(self, cfg: SparsityConfig, blocks: Sequence[WeightBlock],
+                 shapes: dict[str, tuple[int, int]], groups: list[Group], ctx: DistContext,
+                 seed: int, controller: Controller) -> None:
         sizes = {name: rows * cols for name, (rows, cols) in shapes.items()}
-        names = sorted([*(cfg.tables or [t.name for t in tables]), *(b.table for b in dense)])
-        bases = dict(zip(sorted(sizes), [sum(sizes[n] for n in sorted(sizes)[:i])
-                                         for i in range(len(sizes))]))
-        self.cfg, self.ctx, self.seed = cfg, ctx, seed
+        bases = dict(zip(sizes, [sum(list(sizes.values())[:i]) for i in range(len(sizes))]))
+        names = sorted(n for g in groups for n in g.tables)
+        self.cfg, self.ctx, self.seed, self.controller = cfg, ctx, seed, controller
+        self.groups = groups
         self.table_sizes = {n: sizes[n] for n in names}
         self.table_shapes = {n: shapes[n] for n in names}
         self.position_bits = max(1, sum(sizes.values()).bit_length())
-        self.scoring = scoring or MagnitudeGradientScoring()
-        self.shards = [MaskedShard(s, bases[s.table]) for s in [*local_table_shards(model), *dense]
-                       if s.table in names]
-        groups = [tuple(names)] if cfg.scope == "global" else [(n,) for n in names]
-        self.groups = [Group(g, round(cfg.density * sum(sizes[n] for n in g))) for g in groups]
-        for group in self.groups:
-            if group.budget < 1:
-                raise ConfigError(f"sparsity.density={cfg.density}: leaves no active weight in "
-                                  f"table(s) {list(group.tables)}")
-        self.schedule = UpdateSchedule(cfg.delta_t, total_steps, cfg.zeta_0, cfg.zeta_min,
-                                       cfg.t_end)
-        connect = connect or (lambda schedule, budgets: CollectiveController(schedule, budgets,
-                                                                             ctx.group))
-        self.controller = connect(self.schedule, [g.budget for g in self.groups])
+        self.shards = [MaskedShard(b, bases[b.table]) for b in blocks]
         self.recorder = GrowthRecorder(self.shards, ctx.world_size,
                                        mask_gradients=(cfg.mask_gradients and
                                                        cfg.reset_optimizer_state))
@@ -129,18 +144,17 @@ class DynamicSparseTraining:
             starts = [0, *ends.tolist()]
             keys = torch.cat([s.positions_at(tied[a:b] - start) for s, a, b, start
                               in zip(offered, cuts, cuts[1:], starts)] or [tied.new_empty(0)])
-            return keys.mul_(_TIE_SCRAMBLE).bitwise_and_((1 << self.position_bits) - 1)
+            return keys.mul_(POSITION_SCRAMBLE).bitwise_and_((1 << self.position_bits) - 1)
 
         chosen = select_extreme(flat_scores, tie_keys, k, largest=largest,
-                                reduce_counts=self.controller.reduce_counts,
+                                reduce_counts=self.ctx.all_reduce_sum,
                                 position_bits=self.position_bits, candidates=flat_candidates)
         result = {id(s): chosen[start:end].view_as(s.mask)
                   for s, start, end in zip(offered, [0, *ends.tolist()], ends.tolist())}
         for s in members:
             if s.shard.replicated:
-                picked = result.get(id(s), torch.zeros_like(s.mask)).to(torch.uint8)
-                dist.broadcast(picked, src=0, group=self.ctx.group)
-                result[id(s)] = picked.bool()
+                result[id(s)] = self.ctx.broadcast_tensor(
+                    result.get(id(s), torch.zeros_like(s.mask)).clone())
         return result
 
     @torch.no_grad()
@@ -159,7 +173,7 @@ class DynamicSparseTraining:
         growth signal needs this step."""
         self.recorder.capturing = (
             (self.cfg.growth == "accumulated" and step % self.cfg.growth_every == 0)
-            or self.schedule.is_update_step(step))
+            or self.controller.schedule.is_update_step(step))
 
     def after_backward(self) -> None:
         self.recorder.after_backward()
@@ -170,16 +184,17 @@ class DynamicSparseTraining:
         drop-and-grow and returns its record."""
         for s in self.shards:
             s.apply_(None if s.shard.replicated else self.recorder.take_touched_rows(s))
-        return self.update(step) if self.schedule.is_update_step(step) else None
+        return self.update(step) if self.controller.schedule.is_update_step(step) else None
 
     @torch.no_grad()
     def update(self, step: int) -> dict[str, Any]:
         started = time.perf_counter()
         moved = torch.zeros(3, dtype=torch.int64)  # dropped, grown, regrown (this rank)
         for group, k in zip(self.groups, self.controller.plan(step)):
-            dropped = self._select(group, k, largest=False, scores=self.scoring.drop_scores,
+            dropped = self._select(group, k, largest=False,
+                                   scores=lambda s: s.shard.weight.abs(),
                                    candidates=lambda s: s.mask)
-            grown = self._select(group, k, largest=True, scores=self.scoring.grow_scores,
+            grown = self._select(group, k, largest=True, scores=lambda s: s.growth,
                                  candidates=lambda s: ~(s.mask & ~dropped[id(s)]))
             for s in self.shards:
                 if s.table not in group.tables:
@@ -199,15 +214,13 @@ class DynamicSparseTraining:
         for s in self.shards:
             s.growth.zero_()
         active, digest = self.active_per_table()
-        dropped_total, grown_total, regrown = (int(x) for x in
-                                               self.controller.reduce_counts(moved))
+        dropped_total, grown_total, regrown = (int(x) for x in self.ctx.all_reduce_sum(moved))
         record = {"step": step, "budget": self.budget, "active": sum(active.values()),
                   "dropped": dropped_total, "grown": grown_total, "regrown": regrown,
-                  "fraction": self.schedule.fraction(step),
+                  "fraction": self.controller.schedule.fraction(step),
                   "density": {t: active[t] / self.table_sizes[t] for t in self.table_sizes},
                   "mask_digest": digest, "seconds": time.perf_counter() - started}
-        if self.ctx.is_main:
-            self.controller.record(record)
+        self.controller.record(record)
         return record
 
     @staticmethod
@@ -233,9 +246,9 @@ class DynamicSparseTraining:
             if self._offers(s):
                 active = s.positions_at(flat_nonzero(s.mask))
                 local[names.index(s.table)] += active.numel()
-                hashes = (active * _TIE_SCRAMBLE) >> (64 - _DIGEST_BITS)
+                hashes = (active * POSITION_SCRAMBLE) >> (64 - _DIGEST_BITS)
                 local[-1] += int((hashes & ((1 << _DIGEST_BITS) - 1)).sum())
-        total = self.controller.reduce_counts(local)
+        total = self.ctx.all_reduce_sum(local)
         return {name: int(total[i]) for i, name in enumerate(names)}, f"{int(total[-1]):x}"
 
     def state_dict(self) -> dict[str, Any]:
@@ -258,7 +271,12 @@ class DynamicSparseTraining:
         return state
 
     @torch.no_grad()
-    def after_load(self) -> None:
-        """Re-zeroes pruned weights after the tensors of `state_dict()` were loaded."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Re-zeroes pruned weights: DCP has loaded `state` into the live tensors that
+        `state_dict()` returned (after the model's weights)."""
         for s in self.shards:
             s.apply_()
+
+    def register_state(self, store: CheckpointStore) -> None:
+        store.register("sparsity", self, sharded=True)
+        store.register("controller", self.controller, sharded=False)

@@ -15,7 +15,9 @@ import torch
 from dsl_dist.model.shards import WeightBlock
 from dsl_dist.sparsity.fastops import multiply_rows_
 
-_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # splitmix64 constants as signed int64
+POSITION_SCRAMBLE = 0x9E3779B97F4A7C15 - (1 << 64)
+"""splitmix64's golden-ratio constant as a signed int64. Odd, so multiplying by it permutes
+[0, 2**bits): tie-breaks and mask digests use it to scramble global positions."""
 _MIX_1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _MIX_2 = 0x94D049BB133111EB - (1 << 64)
 
@@ -23,7 +25,7 @@ _MIX_2 = 0x94D049BB133111EB - (1 << 64)
 def uniform_hash(positions: torch.Tensor, seed: int) -> torch.Tensor:
     """A float32 in [0, 1) per position, a pure function of (seed, position) (splitmix64)."""
     seed_term = (seed * _MIX_2 + (1 << 63)) % (1 << 64) - (1 << 63)  # wrapped to int64
-    x = positions * _GOLDEN + seed_term
+    x = positions * POSITION_SCRAMBLE + seed_term
     x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _MIX_1
     x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _MIX_2
     x = x ^ ((x >> 31) & ((1 << 33) - 1))

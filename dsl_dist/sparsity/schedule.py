@@ -6,15 +6,11 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from dsl_dist.config import ConfigError
+from dsl_dist.config import SparsityConfig, check_schedule, is_int, require
 
 # ζ·active is a product of floats: 0.07 * 100 == 7.000000000000001. Values within this relative
 # distance above an integer count as that integer, so the rounding up does not depend on noise.
 _ROUNDING_SLACK = 1e-12
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -30,7 +26,8 @@ class UpdateSchedule:
     None means total_steps), but never at t = total_steps or later: nothing would train the
     weights grown at the last step, so updating there would only lose trained weights.
 
-    Invalid fields raise `ConfigError` (a ValueError) naming the field as `sparsity.<field>`.
+    Invalid fields raise `ConfigError` (a ValueError) naming the field as `sparsity.<field>`
+    (the checks `SparsityConfig.validate` makes, see `check_schedule`).
     """
 
     delta_t: int
@@ -40,19 +37,15 @@ class UpdateSchedule:
     t_end: Optional[int] = None
 
     def __post_init__(self) -> None:
-        checks = [
-            (_is_int(self.delta_t) and self.delta_t >= 1, "delta_t", "must be an integer >= 1"),
-            (_is_int(self.total_steps) and self.total_steps >= 1, "total_steps",
-             "must be an integer >= 1"),
-            (0 < self.zeta_0 <= 1, "zeta_0", "must be in (0, 1]"),
-            (0 <= self.zeta_min <= self.zeta_0, "zeta_min",
-             f"must be in [0, zeta_0={self.zeta_0!r}]"),
-            (self.t_end is None or (_is_int(self.t_end) and 1 <= self.t_end <= self.total_steps),
-             "t_end", f"must be null or an integer in [1, total_steps={self.total_steps!r}]"),
-        ]
-        for ok, key, message in checks:
-            if not ok:
-                raise ConfigError(f"sparsity.{key}={getattr(self, key)!r}: {message}")
+        require(is_int(self.total_steps) and self.total_steps >= 1, "sparsity.total_steps",
+                 "must be an integer >= 1", self.total_steps)
+        check_schedule(self.delta_t, self.zeta_0, self.zeta_min, self.t_end, self.total_steps,
+                       "total_steps")
+
+    @classmethod
+    def of(cls, cfg: SparsityConfig, total_steps: int) -> "UpdateSchedule":
+        """The schedule a run of `total_steps` steps follows under `cfg`."""
+        return cls(cfg.delta_t, total_steps, cfg.zeta_0, cfg.zeta_min, cfg.t_end)
 
     @property
     def last_update_step(self) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from dsl_dist.sparsity.fastops import compress, flat_nonzero
 
@@ -33,17 +32,6 @@ SCORE_BITS = 32
 MAX_POSITION_BITS = 62
 _HEADER = 3  # candidates, NaN candidates, ranks with a position out of range
 _HEADER_SIZE = _HEADER + MAX_POSITION_BITS + 1  # + one-hot bit length (0..62) of the max position
-
-
-def all_reduce_counts(group: Optional[dist.ProcessGroup] = None) -> CountReducer:
-    """The reducer of a process group: `torch.distributed.all_reduce(SUM)` on a copy."""
-
-    def reduce(counts: torch.Tensor) -> torch.Tensor:
-        out = counts.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
-
-    return reduce
 
 
 def local_counts(counts: torch.Tensor) -> torch.Tensor:
@@ -174,65 +162,19 @@ def select_extreme(scores: torch.Tensor, positions: torch.Tensor | PositionsOf, 
     core, where the 8-bit version that gathered its candidates first took 50-60 ms.
     """
     lazy = callable(positions)
-    if scores.dim() != 1 or (not lazy and positions.shape != scores.shape):
-        raise ValueError(f"select_extreme: scores {tuple(scores.shape)} and positions "
-                         f"{tuple(positions.shape)} must be 1-D of the same length")
-    if candidates is not None and (candidates.shape != scores.shape
-                                   or candidates.dtype != torch.bool):
-        raise ValueError(f"select_extreme: candidates must be a bool tensor shaped like the "
-                         f"scores {tuple(scores.shape)}, not {candidates.dtype} "
-                         f"{tuple(candidates.shape)}")
-    if not scores.is_floating_point() or scores.element_size() > 4:
-        raise TypeError(f"select_extreme: scores must be float32 (or narrower), not {scores.dtype}")
-    if not lazy and (positions.is_floating_point() or positions.is_complex()
-                     or positions.dtype == torch.bool):
-        raise TypeError(f"select_extreme: positions must be integers, not {positions.dtype}")
-    if not 0 <= position_bits <= MAX_POSITION_BITS:
-        raise ValueError(f"select_extreme: position_bits={position_bits} outside "
-                         f"[0, {MAX_POSITION_BITS}]")
-    if k < 0:
-        raise ValueError(f"select_extreme: k={k} is negative")
+    _check_arguments(scores, positions, k, position_bits, candidates)
     count = scores.numel() if candidates is None else int(torch.count_nonzero(candidates))
     if candidates is not None and 2 * count < candidates.numel():
-        # few candidates (the active weights at a drop): every pass below costs less over
-        # them alone than over all entries, the gather and the scatter back included
-        index = flat_nonzero(candidates).to(candidates.device)
-        picked = select_extreme(
-            scores.index_select(0, index),
-            ((lambda i: positions(index.index_select(0, i))) if lazy  # type: ignore[operator]
-             else positions.index_select(0, index)),
-            k, largest=largest, reduce_counts=reduce_counts, position_bits=position_bits)
-        return torch.zeros_like(candidates).index_fill_(0, compress(index, picked), True)
+        return _select_gathered(scores, positions, k, largest, reduce_counts, position_bits,
+                                candidates)
     scores = scores.float()
-    positions_of: PositionsOf = (positions if lazy else  # type: ignore[assignment]
-                                 positions.to(torch.int64).__getitem__)
-    device = scores.device
-
-    header = [0] * _HEADER_SIZE
-    if scores.numel():
-        header[0] = count
-        if bool(scores.sum().isnan()):  # a cheap pass first: NaN propagates through sums
-            nan = torch.isnan(scores)
-            header[1] = int(torch.count_nonzero(nan if candidates is None else nan & candidates))
-        if lazy:
-            header[_HEADER + position_bits] = 1
-        elif count:
-            checked = positions if candidates is None else compress(positions, candidates)
-            smallest_position, largest_position = (int(v) for v in torch.aminmax(checked))
-            header[2] = int(smallest_position < 0 or largest_position >= 1 << position_bits)
-            header[_HEADER + min(max(largest_position, 0).bit_length(), MAX_POSITION_BITS)] = 1
-    header = reduce_counts(torch.tensor(header, dtype=torch.int64, device=device)).tolist()
-    total, nans, ranks_out_of_range = header[:_HEADER]
-    if nans:
-        raise ValueError(f"select_extreme: {nans} NaN score(s) among the candidates")
-    if ranks_out_of_range:
-        raise ValueError(f"select_extreme: position(s) outside [0, 2**{position_bits}) on "
-                         f"{ranks_out_of_range} rank(s)")
+    total, position_bit_length = _reduce_header(scores, positions, count, position_bits,
+                                                reduce_counts, candidates)
     if k > total:
         raise ValueError(f"select_extreme: k={k} exceeds the {total} candidate(s) of all ranks")
     if k == 0 or k == total:
         if candidates is None or k == 0:
-            return torch.full(scores.shape, k > 0, dtype=torch.bool, device=device)
+            return torch.full(scores.shape, k > 0, dtype=torch.bool, device=scores.device)
         return candidates.clone()
 
     keys = _order_keys(scores)
@@ -242,17 +184,94 @@ def select_extreme(scores: torch.Tensor, positions: torch.Tensor | PositionsOf, 
     if needed == tied:  # the whole bin is in
         chosen = keys >= low if largest else keys <= high
         return chosen if candidates is None else chosen.logical_and_(candidates)
-    # shift == 0, low == high: equal scores straddle the k-th place. Of the tied candidates
-    # take the `needed` of smallest position.
-    chosen = keys > low if largest else keys < low
-    tied_mask = keys == low
+    # shift == 0, low == high: equal scores straddle the k-th place
+    positions_of: PositionsOf = (positions if lazy else  # type: ignore[assignment]
+                                 positions.to(torch.int64).__getitem__)
+    return _break_ties(keys, low, largest, needed, tied, positions_of, position_bit_length,
+                       reduce_counts, candidates)
+
+
+def _check_arguments(scores: torch.Tensor, positions: torch.Tensor | PositionsOf, k: int,
+                     position_bits: int, candidates: Optional[torch.Tensor]) -> None:
+    if scores.dim() != 1 or (not callable(positions) and positions.shape != scores.shape):
+        raise ValueError(f"select_extreme: scores {tuple(scores.shape)} and positions "
+                         f"{tuple(positions.shape)} must be 1-D of the same length")
+    if candidates is not None and (candidates.shape != scores.shape
+                                   or candidates.dtype != torch.bool):
+        raise ValueError(f"select_extreme: candidates must be a bool tensor shaped like the "
+                         f"scores {tuple(scores.shape)}, not {candidates.dtype} "
+                         f"{tuple(candidates.shape)}")
+    if not scores.is_floating_point() or scores.element_size() > 4:
+        raise TypeError(f"select_extreme: scores must be float32 (or narrower), not {scores.dtype}")
+    if not callable(positions) and (positions.is_floating_point() or positions.is_complex()
+                                    or positions.dtype == torch.bool):
+        raise TypeError(f"select_extreme: positions must be integers, not {positions.dtype}")
+    if not 0 <= position_bits <= MAX_POSITION_BITS:
+        raise ValueError(f"select_extreme: position_bits={position_bits} outside "
+                         f"[0, {MAX_POSITION_BITS}]")
+    if k < 0:
+        raise ValueError(f"select_extreme: k={k} is negative")
+
+
+def _select_gathered(scores: torch.Tensor, positions: torch.Tensor | PositionsOf, k: int,
+                     largest: bool, reduce_counts: CountReducer, position_bits: int,
+                     candidates: torch.Tensor) -> torch.Tensor:
+    """Few candidates (the active weights at a drop): every pass costs less over them alone
+    than over all entries, the gather and the scatter back included."""
+    index = flat_nonzero(candidates).to(candidates.device)
+    picked = select_extreme(
+        scores.index_select(0, index),
+        ((lambda i: positions(index.index_select(0, i))) if callable(positions)
+         else positions.index_select(0, index)),
+        k, largest=largest, reduce_counts=reduce_counts, position_bits=position_bits)
+    return torch.zeros_like(candidates).index_fill_(0, compress(index, picked), True)
+
+
+def _reduce_header(scores: torch.Tensor, positions: torch.Tensor | PositionsOf, count: int,
+                   position_bits: int, reduce_counts: CountReducer,
+                   candidates: Optional[torch.Tensor]) -> tuple[int, int]:
+    """The first round: the candidates of all ranks, and the bit length of their largest
+    position; NaN scores and positions out of range are refused on every rank alike."""
+    header = [0] * _HEADER_SIZE
+    if scores.numel():
+        header[0] = count
+        if bool(scores.sum().isnan()):  # a cheap pass first: NaN propagates through sums
+            nan = torch.isnan(scores)
+            header[1] = int(torch.count_nonzero(nan if candidates is None else nan & candidates))
+        if callable(positions):
+            header[_HEADER + position_bits] = 1
+        elif count:
+            checked = positions if candidates is None else compress(positions, candidates)
+            smallest_position, largest_position = (int(v) for v in torch.aminmax(checked))
+            header[2] = int(smallest_position < 0 or largest_position >= 1 << position_bits)
+            header[_HEADER + min(max(largest_position, 0).bit_length(), MAX_POSITION_BITS)] = 1
+    header = reduce_counts(torch.tensor(header, dtype=torch.int64,
+                                        device=scores.device)).tolist()
+    total, nans, ranks_out_of_range = header[:_HEADER]
+    if nans:
+        raise ValueError(f"select_extreme: {nans} NaN score(s) among the candidates")
+    if ranks_out_of_range:
+        raise ValueError(f"select_extreme: position(s) outside [0, 2**{position_bits}) on "
+                         f"{ranks_out_of_range} rank(s)")
+    bit_length = max(b for b in range(MAX_POSITION_BITS + 1) if header[_HEADER + b]) \
+        if any(header[_HEADER:]) else 0
+    return total, bit_length
+
+
+def _break_ties(keys: torch.Tensor, threshold: int, largest: bool, needed: int, tied: int,
+                positions_of: PositionsOf, position_bit_length: int,
+                reduce_counts: CountReducer, candidates: Optional[torch.Tensor]) -> torch.Tensor:
+    """Everything strictly better than the threshold key, and of the `tied` candidates at it
+    (all ranks together) the `needed` of smallest position."""
+    chosen = keys > threshold if largest else keys < threshold
+    tied_mask = keys == threshold
     if candidates is not None:
         chosen.logical_and_(candidates)
         tied_mask.logical_and_(candidates)
     tied_index = flat_nonzero(tied_mask)
     tied_positions = positions_of(tied_index).to(torch.int64)
-    bits = max(b for b in range(MAX_POSITION_BITS + 1) if header[_HEADER + b]) or 1
-    shift, prefix, needed, tied = _radix_select(tied_positions, tied, needed, bits, False, False,
+    shift, prefix, needed, tied = _radix_select(tied_positions, tied, needed,
+                                                position_bit_length or 1, False, False,
                                                 reduce_counts)
     if needed != tied:
         raise ValueError(f"select_extreme: {tied} candidates share a position and a score at "

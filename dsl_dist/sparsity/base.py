@@ -1,0 +1,84 @@
+"""The seam between the training loop and a sparse-training method.
+
+The loop calls the same hooks on every method around every step; a method keeps its own state,
+runs its own updates and registers with the checkpoint store what a checkpoint must keep.
+Dense training is the method whose hooks do nothing. `sparsity.name` picks the method from
+`dsl_dist/registry.py`.
+
+Methods never talk to the controller's transport: the job's controller (budget, schedule,
+plan, history; `dsl_dist/control`) is built outside, by `SparsitySetup.connect`, and reaches
+a method as the `Controller` protocol below; every cross-rank count a method needs goes
+through its `DistContext`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
+
+from torch import nn
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig
+from torchrec.optim.keyed import KeyedOptimizer
+
+from dsl_dist.config import SparsityConfig
+from dsl_dist.distributed import DistContext
+from dsl_dist.sparsity.schedule import UpdateSchedule
+
+if TYPE_CHECKING:
+    from dsl_dist.checkpoint import CheckpointStore
+
+
+class Controller(Protocol):
+    """The job's control plane as a method sees it (every method is called by every rank in
+    the same order, except `record`, called by rank 0 with the update's outcome)."""
+
+    schedule: UpdateSchedule
+
+    def plan(self, step: int) -> list[int]:
+        """How many weights each budget group moves at update step `step`."""
+        ...
+
+    def record(self, update: dict[str, Any]) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+ConnectController = Callable[[list[int]], Controller]
+"""Builds the job's controller for the budget of every group (once per run)."""
+
+
+@dataclass
+class SparsitySetup:
+    """What a method is built from: its config section and the run's seed, the sharded model
+    with its table configs (as declared before sharding), this rank's context, the run's
+    length, the unfused optimizer of the dense parameters and data-parallel tables (None if
+    there are none) and the controller's builder."""
+
+    cfg: SparsityConfig
+    seed: int
+    model: nn.Module
+    tables: list[BaseEmbeddingConfig]
+    ctx: DistContext
+    total_steps: int
+    dense_optimizer: Optional[KeyedOptimizer]
+    connect: ConnectController
+
+
+class SparsityMethod:
+    """The training loop's hooks; as they are here, dense training (every hook does nothing)."""
+
+    def before_step(self, step: int) -> None:
+        """Called before training step `step` (counted from 1)."""
+
+    def after_backward(self) -> None:
+        """Called after the backward pass (the fused tables are already updated)."""
+
+    def after_optimizer_step(self, step: int) -> Optional[dict[str, Any]]:
+        """Called after step `step`'s optimizer updates; returns the record of the update it
+        ran at this step (written to metrics.jsonl), if any."""
+        return None
+
+    def register_state(self, store: CheckpointStore) -> None:
+        """Registers with `store` what checkpoints must keep of this method (nothing here)."""
