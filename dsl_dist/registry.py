@@ -29,6 +29,7 @@ MODELS: dict[str, str] = {
 SPARSITY_METHODS: dict[str, str] = {
     "dense": "dsl_dist.sparsity.dense",
     "dsl": "dsl_dist.sparsity.dsl",
+    "block_dsl": "dsl_dist.sparsity.block_dsl",
 }
 
 

@@ -95,9 +95,11 @@ class Trainer:
         epoch_steps = cfg.train.epochs * self.stream.steps_per_epoch
         self.total_steps = min(epoch_steps, cfg.train.max_steps or epoch_steps)
         self.sparsity = method.build(SparsitySetup(
-            cfg.sparsity, cfg.train.seed, self.model, tables, ctx, self.total_steps,
-            self.dense_optimizer, connect=lambda budgets: connect_controller(
-                cfg.control, ctx, UpdateSchedule.of(cfg.sparsity, self.total_steps), budgets)))
+            cfg.sparsity, cfg.train.seed, cfg.model.init_std, self.model, tables, ctx,
+            self.total_steps, self.dense_optimizer, connect=lambda budgets, unit: (
+                connect_controller(cfg.control, ctx, UpdateSchedule.of(cfg.sparsity,
+                                                                       self.total_steps),
+                                   budgets, unit))))
         self._register_state()
 
     def _register_state(self) -> None:

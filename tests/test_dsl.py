@@ -38,8 +38,9 @@ def build(sharding_type: str, optimizer: str = "rowwise_adagrad", scope: str = "
     cfg = SparsityConfig(**{"name": "dsl", "density": 0.3, "delta_t": 1, "scope": scope,
                             **sparsity})
     schedule = UpdateSchedule.of(cfg, total_steps=10)
-    dsl = build_dsl(SparsitySetup(cfg, 0, model, tables, ctx, 10, None,
-                                  connect=lambda budgets: SparsityController(schedule, budgets)))
+    dsl = build_dsl(SparsitySetup(cfg, 0, 0.1, model, tables, ctx, 10, None,
+                                  connect=lambda budgets, unit: SparsityController(schedule,
+                                                                                   budgets)))
     return ctx, model, dsl
 
 

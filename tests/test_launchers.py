@@ -182,6 +182,25 @@ def test_torchrun_with_the_ray_actor_controller_matches(ray_cluster: RayCluster,
 
 
 @pytest.mark.multiprocess
+def test_structured_dsl_with_the_ray_actor_controller_matches(ray_cluster: RayCluster,
+                                                              prepared: Path,
+                                                              tmp_path: Path) -> None:
+    """block_dsl plans through the actor as dsl does: the same blocks as the collective
+    controller, update by update."""
+    runs = {}
+    for controller in ("collective", "ray"):
+        run_dir = tmp_path / controller
+        torchrun("--standalone", "--nproc_per_node", "2", "-m", "dsl_dist.train",
+                 *job_overrides(prepared, run_dir), "sparsity=block_dsl",
+                 f"control.controller={controller}", f"control.ray_address={ray_cluster.address}",
+                 env=environment())
+        runs[controller] = record(run_dir)
+    assert len(runs["ray"]["update"]) >= 2
+    assert all(u["active"] == u["budget"] for u in runs["ray"]["update"])
+    assert runs["ray"] == runs["collective"]
+
+
+@pytest.mark.multiprocess
 def test_torchrun_across_two_nodes_matches(prepared: Path, reference: dict,
                                            tmp_path: Path) -> None:
     run_dir = tmp_path / "run"

@@ -32,12 +32,12 @@ def controller_kind(cfg: ControlConfig) -> str:
 
 
 def connect_controller(cfg: ControlConfig, ctx: DistContext, schedule: UpdateSchedule,
-                       budgets: list[int]) -> Controller:
+                       budgets: list[int], unit: int = 1) -> Controller:
     """This rank's controller. Collective: a replica on every rank. Ray: rank 0 creates (or
     finds) the named actor, the other ranks find it after a barrier (collective: every rank
     calls this)."""
     if controller_kind(cfg) == "collective":
-        return SparsityController(schedule, budgets)
+        return SparsityController(schedule, budgets, unit)
     import ray
 
     from dsl_dist.control.ray_controller import RayController, controller_actor
@@ -56,4 +56,4 @@ def connect_controller(cfg: ControlConfig, ctx: DistContext, schedule: UpdateSch
     ctx.barrier()
     if not ctx.is_main:
         actor = ray.get_actor(name, namespace=namespace)
-    return RayController(actor, session, schedule, budgets, ctx.world_size, ctx.is_main)
+    return RayController(actor, session, schedule, budgets, unit, ctx.world_size, ctx.is_main)

@@ -23,16 +23,18 @@ from dsl_dist.sparsity.schedule import UpdateSchedule
 class SparsityController:
     """The controller's state and decisions, whatever carries them: small and serialisable."""
 
-    def __init__(self, schedule: UpdateSchedule, budgets: list[int]) -> None:
+    def __init__(self, schedule: UpdateSchedule, budgets: list[int], unit: int = 1) -> None:
         self.schedule = schedule
         self.budgets = list(budgets)
-        """Active weights of each group of tables ranked together."""
+        """Active units of each group of tables ranked together."""
+        self.unit = unit
+        """Weights per unit: 1, or the block size of structured DSL."""
         self.history: list[dict[str, Any]] = []
         """One record per drop-and-grow, as written to metrics.jsonl; it also tells which
         update steps have run, so that none runs twice."""
 
     def plan(self, step: int) -> list[int]:
-        """How many weights each group drops (and grows) at update step `step`."""
+        """How many units each group drops (and grows) at update step `step`."""
         if not self.schedule.is_update_step(step):
             raise ValueError(f"step {step} is not an update step of {self.schedule}")
         if self.history and step <= self.history[-1]["step"]:
@@ -41,19 +43,20 @@ class SparsityController:
         return [self.schedule.num_to_move(step, budget) for budget in self.budgets]
 
     def record(self, update: dict[str, Any]) -> None:
-        if update["active"] != sum(self.budgets):
+        if update["active"] != sum(self.budgets) * self.unit:
             raise RuntimeError(f"update at step {update['step']}: {update['active']} active "
-                               f"weights, budget {sum(self.budgets)}")
+                               f"weights, budget {sum(self.budgets) * self.unit}")
         self.history.append(update)
 
     def state_dict(self) -> dict[str, Any]:
         return {"schedule": asdict(self.schedule), "budgets": list(self.budgets),
-                "history": list(self.history)}
+                "unit": self.unit, "history": list(self.history)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Takes the saved history; the budgets must be the same, the schedule is this run's
         (its total steps follow the world size when a run resumes on another one)."""
-        if state["budgets"] != self.budgets:
-            raise ValueError(f"controller state has budgets {state['budgets']}, this run "
-                             f"{self.budgets}")
+        if (state["budgets"], state.get("unit", 1)) != (self.budgets, self.unit):
+            raise ValueError(f"controller state has budgets {state['budgets']} of "
+                             f"{state.get('unit', 1)} weight(s), this run {self.budgets} of "
+                             f"{self.unit}")
         self.history = list(state["history"])

@@ -31,15 +31,15 @@ class ControllerActor:
         self.session = ""
         self.world_size = 0
 
-    def configure(self, session: str, schedule: dict[str, Any], budgets: list[int],
+    def configure(self, session: str, schedule: dict[str, Any], budgets: list[int], unit: int,
                   world_size: int) -> None:
         """Called by every rank of a session with the same values: the first call of a new
         session resets the actor, later ones must agree."""
-        controller = SparsityController(UpdateSchedule(**schedule), budgets)
+        controller = SparsityController(UpdateSchedule(**schedule), budgets, unit)
         if session != self.session:
             self.session, self.controller, self.world_size = session, controller, world_size
-        elif (self.controller.schedule, self.controller.budgets, self.world_size) != (
-                controller.schedule, controller.budgets, world_size):
+        elif (self.controller.schedule, self.controller.budgets, self.controller.unit,
+              self.world_size) != (controller.schedule, controller.budgets, unit, world_size):
             raise ValueError("ranks configured the controller differently: "
                              f"{controller.state_dict()} vs {self.controller.state_dict()}")
 
@@ -73,9 +73,10 @@ class RayController:
     """A rank's client of the controller actor (the interface of `SparsityController`)."""
 
     def __init__(self, actor: ray.actor.ActorHandle, session: str, schedule: UpdateSchedule,
-                 budgets: list[int], world_size: int, is_main: bool) -> None:
+                 budgets: list[int], unit: int, world_size: int, is_main: bool) -> None:
         self.actor, self.session, self.schedule, self.is_main = actor, session, schedule, is_main
-        ray.get(actor.configure.remote(session, asdict(schedule), list(budgets), world_size))
+        ray.get(actor.configure.remote(session, asdict(schedule), list(budgets), unit,
+                                       world_size))
 
     def plan(self, step: int) -> list[int]:
         return ray.get(self.actor.plan.remote(self.session, step))

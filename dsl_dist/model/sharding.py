@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from torchrec import EmbeddingBagCollection
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
@@ -43,8 +44,9 @@ class EmbeddingBagCollectionSharderAnyDevice(EmbeddingBagCollectionSharder):
 
 
 def embedding_tables(model: nn.Module) -> list[BaseEmbeddingConfig]:
-    """The table configs of every EmbeddingBagCollection in `model` (before sharding)."""
-    return [table for module in model.modules() if hasattr(module, "embedding_bag_configs")
+    """The table configs of every EmbeddingBagCollection in `model` (before sharding): the
+    tables as stored, which a sparsity method may have reshaped (block pools)."""
+    return [table for module in model.modules() if isinstance(module, EmbeddingBagCollection)
             for table in module.embedding_bag_configs()]
 
 

@@ -45,19 +45,21 @@ class Controller(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-ConnectController = Callable[[list[int]], Controller]
-"""Builds the job's controller for the budget of every group (once per run)."""
+ConnectController = Callable[[list[int], int], Controller]
+"""Builds the job's controller (once per run) for the budget of every group, counted in units
+of the given number of weights (1 for single weights, b for blocks of b)."""
 
 
 @dataclass
 class SparsitySetup:
-    """What a method is built from: its config section and the run's seed, the sharded model
-    with its table configs (as declared before sharding), this rank's context, the run's
-    length, the unfused optimizer of the dense parameters and data-parallel tables (None if
-    there are none) and the controller's builder."""
+    """What a method is built from: its config section, the run's seed and the tables' initial
+    std, the sharded model with its table configs (as declared before sharding), this rank's
+    context, the run's length, the unfused optimizer of the dense parameters and
+    data-parallel tables (None if there are none) and the controller's builder."""
 
     cfg: SparsityConfig
     seed: int
+    init_std: float
     model: nn.Module
     tables: list[BaseEmbeddingConfig]
     ctx: DistContext

@@ -15,7 +15,6 @@ weights of largest growth statistic (|gradient|, see growth.py).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
@@ -27,23 +26,16 @@ from dsl_dist.config import ConfigError, SparsityConfig
 from dsl_dist.distributed import DistContext
 from dsl_dist.model.shards import DenseBlock, WeightBlock, dense_blocks, local_table_shards
 from dsl_dist.sparsity.base import Controller, SparsityMethod, SparsitySetup
+from dsl_dist.sparsity.budget import Group, budget_groups, position_bases
 from dsl_dist.sparsity.fastops import any_per_row, flat_nonzero
-from dsl_dist.sparsity.growth import GrowthRecorder, concat
+from dsl_dist.sparsity.growth import GrowthRecorder
 from dsl_dist.sparsity.masks import POSITION_SCRAMBLE, MaskedShard, uniform_hash
-from dsl_dist.sparsity.selection import select_extreme
+from dsl_dist.sparsity.selection import Part, select_across
 
 _DIGEST_BITS = 32
 
 if TYPE_CHECKING:
     from dsl_dist.checkpoint import CheckpointStore
-
-
-@dataclass(frozen=True)
-class Group:
-    """Tables whose weights are ranked together, and their fixed number of active weights."""
-
-    tables: tuple[str, ...]
-    budget: int
 
 
 def table_shapes(tables: list[BaseEmbeddingConfig],
@@ -67,19 +59,6 @@ def sparsified_tables(cfg: SparsityConfig, tables: list[BaseEmbeddingConfig],
     return sorted([*(cfg.tables or names), *(b.table for b in dense)])
 
 
-def budget_groups(cfg: SparsityConfig, sizes: dict[str, int]) -> list[Group]:
-    """The groups of sparsified tables (`sizes`: weights by name) ranked together (all of
-    them, or one per table) and their budgets."""
-    names = list(sizes)
-    groups = [tuple(names)] if cfg.scope == "global" else [(n,) for n in names]
-    result = [Group(g, round(cfg.density * sum(sizes[n] for n in g))) for g in groups]
-    for group in result:
-        if group.budget < 1:
-            raise ConfigError(f"sparsity.density={cfg.density}: leaves no active weight in "
-                              f"table(s) {list(group.tables)}")
-    return result
-
-
 def build(setup: SparsitySetup) -> DynamicSparseTraining:
     """DSL over the sparsified tables and dense parameters of `setup.model`."""
     cfg = setup.cfg
@@ -87,7 +66,7 @@ def build(setup: SparsitySetup) -> DynamicSparseTraining:
     shapes = table_shapes(setup.tables, dense)
     names = sparsified_tables(cfg, setup.tables, dense)
     groups = budget_groups(cfg, {n: shapes[n][0] * shapes[n][1] for n in names})
-    controller = setup.connect([g.budget for g in groups])
+    controller = setup.connect([g.budget for g in groups], 1)
     blocks = [s for s in [*local_table_shards(setup.model), *dense] if s.table in names]
     return DynamicSparseTraining(cfg, blocks, shapes, groups, setup.ctx, setup.seed, controller)
 
@@ -101,7 +80,7 @@ class DynamicSparseTraining(SparsityMethod):
                  shapes: dict[str, tuple[int, int]], groups: list[Group], ctx: DistContext,
                  seed: int, controller: Controller) -> None:
         sizes = {name: rows * cols for name, (rows, cols) in shapes.items()}
-        bases = dict(zip(sizes, [sum(list(sizes.values())[:i]) for i in range(len(sizes))]))
+        bases = position_bases(sizes)
         names = sorted(n for g in groups for n in g.tables)
         self.cfg, self.ctx, self.seed, self.controller = cfg, ctx, seed, controller
         self.groups = groups
@@ -128,29 +107,11 @@ class DynamicSparseTraining(SparsityMethod):
         candidates (every weight if `candidates` is None)."""
         members = [s for s in self.shards if s.table in group.tables]
         offered = [s for s in members if self._offers(s)]
-        device = self.ctx.device
-        flat_scores = concat([scores(s).reshape(-1) for s in offered]
-                             or [torch.empty(0, device=device)])
-        flat_candidates = None if candidates is None else concat(
-            [candidates(s).reshape(-1) for s in offered]
-            or [torch.empty(0, dtype=torch.bool, device=device)])
-        ends = torch.tensor([s.mask.numel() for s in offered], dtype=torch.int64).cumsum(0)
-
-        def tie_keys(tied: torch.Tensor) -> torch.Tensor:
-            """Tie-break keys of the weights at `tied` (ascending indices into flat_scores):
-            a fixed permutation of their global positions, computed only for the candidates
-            tied at the threshold."""
-            cuts = [0, *torch.searchsorted(tied, ends.to(device)).tolist()]
-            starts = [0, *ends.tolist()]
-            keys = torch.cat([s.positions_at(tied[a:b] - start) for s, a, b, start
-                              in zip(offered, cuts, cuts[1:], starts)] or [tied.new_empty(0)])
-            return keys.mul_(POSITION_SCRAMBLE).bitwise_and_((1 << self.position_bits) - 1)
-
-        chosen = select_extreme(flat_scores, tie_keys, k, largest=largest,
-                                reduce_counts=self.ctx.all_reduce_sum,
-                                position_bits=self.position_bits, candidates=flat_candidates)
-        result = {id(s): chosen[start:end].view_as(s.mask)
-                  for s, start, end in zip(offered, [0, *ends.tolist()], ends.tolist())}
+        parts = [Part(scores(s), None if candidates is None else candidates(s), s.positions_at)
+                 for s in offered]
+        chosen = select_across(parts, k, largest=largest, reduce_counts=self.ctx.all_reduce_sum,
+                               position_bits=self.position_bits)
+        result = {id(s): c for s, c in zip(offered, chosen)}
         for s in members:
             if s.shard.replicated:
                 result[id(s)] = self.ctx.broadcast_tensor(

@@ -45,3 +45,8 @@ def multiply_rows_(weight: torch.Tensor, factors: torch.Tensor, rows: torch.Tens
         return
     block = weight.index_select(0, rows)
     weight.index_copy_(0, rows, block.mul_(factors.index_select(0, rows)))
+
+
+def concat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat, without copying a single tensor."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)

@@ -25,6 +25,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from dsl_dist.model.torchrec_internals import kernel_tables
+from dsl_dist.sparsity.fastops import concat
 from dsl_dist.sparsity.masks import MaskedShard
 
 
@@ -130,7 +131,3 @@ def _sample_gradients(grad: torch.Tensor, bags: torch.Tensor | None, columns: sl
     sampled = grad[:, columns] if bags is None else grad[bags, columns]
     return sampled if weights is None else sampled * weights[:, None]
 
-
-def concat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """torch.cat, without copying a single tensor."""
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)

@@ -15,11 +15,13 @@ of them (magnitudes of one scale share their top byte) for three more rounds of 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from dsl_dist.sparsity.fastops import compress, flat_nonzero
+from dsl_dist.sparsity.fastops import compress, concat, flat_nonzero
+from dsl_dist.sparsity.masks import POSITION_SCRAMBLE
 
 CountReducer = Callable[[torch.Tensor], torch.Tensor]
 """Sums an int64 count tensor (same shape on every rank) over all ranks."""
@@ -32,6 +34,41 @@ SCORE_BITS = 32
 MAX_POSITION_BITS = 62
 _HEADER = 3  # candidates, NaN candidates, ranks with a position out of range
 _HEADER_SIZE = _HEADER + MAX_POSITION_BITS + 1  # + one-hot bit length (0..62) of the max position
+
+
+@dataclass
+class Part:
+    """A rank's piece of a selection: its scores, which of them take part (None: all), and
+    the global positions of the entries at given flat indices (computed for ties only)."""
+
+    scores: torch.Tensor
+    candidates: Optional[torch.Tensor]
+    positions_at: PositionsOf
+
+
+def select_across(parts: list[Part], k: int, *, largest: bool, reduce_counts: CountReducer,
+                  position_bits: int) -> list[torch.Tensor]:
+    """`select_extreme` over the entries of all `parts` of all ranks: per part, which of its
+    entries are among the k extreme scores (a bool tensor shaped like its scores). Ties go by
+    a fixed permutation of the global positions, so that they favour no table or region."""
+    device = parts[0].scores.device if parts else torch.device("cpu")
+    scores = concat([p.scores.reshape(-1) for p in parts] or [torch.empty(0, device=device)])
+    candidates = None if all(p.candidates is None for p in parts) else concat(
+        [(p.candidates if p.candidates is not None
+          else torch.ones(p.scores.shape, dtype=torch.bool, device=device)).reshape(-1)
+         for p in parts] or [torch.empty(0, dtype=torch.bool, device=device)])
+    ends = torch.tensor([p.scores.numel() for p in parts], dtype=torch.int64).cumsum(0)
+    starts = [0, *ends.tolist()]
+
+    def tie_keys(tied: torch.Tensor) -> torch.Tensor:
+        cuts = [0, *torch.searchsorted(tied, ends.to(tied.device)).tolist()]
+        keys = torch.cat([p.positions_at(tied[a:b] - start) for p, a, b, start
+                          in zip(parts, cuts, cuts[1:], starts)] or [tied.new_empty(0)])
+        return keys.mul_(POSITION_SCRAMBLE).bitwise_and_((1 << position_bits) - 1)
+
+    chosen = select_extreme(scores, tie_keys, k, largest=largest, reduce_counts=reduce_counts,
+                            position_bits=position_bits, candidates=candidates)
+    return [chosen[a:b].view_as(p.scores) for p, a, b in zip(parts, starts, starts[1:])]
 
 
 def local_counts(counts: torch.Tensor) -> torch.Tensor:

@@ -1,37 +1,21 @@
-"""Typed job configuration: one dataclass per concern, validated before any process group starts.
-
-Hydra composes `configs/` on top of these schemas (registered by `register_configs`); the YAML
-files of the groups only override defaults, which live here and nowhere else. The files of
-`configs/experiment/` pin every setting a benchmark depends on, defaults included, so that a
-changed default does not silently change a published figure.
-"""
+"""The job's config sections but sparsity's (see config/sparsity.py): data, model, training,
+evaluation, checkpoints and launching, each validated on its own."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from dsl_dist.registry import MODELS, SPARSITY_METHODS
+from dsl_dist.config.checks import require
+from dsl_dist.registry import MODELS
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")
 OPTIMIZERS = ("rowwise_adagrad", "adagrad", "adam", "sgd")
 CPU_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 """FBGEMM's CPU kernels have no fused Adam."""
 DENSE_OPTIMIZERS = ("adagrad", "adam", "sgd")
-
-
-class ConfigError(ValueError):
-    """A configuration value is out of range; the message names the key."""
-
-
-def require(condition: bool, key: str, message: str, value: object) -> None:
-    """Refuses `value` of config key `key` unless `condition` holds (ConfigError)."""
-    if not condition:
-        raise ConfigError(f"{key}={value!r}: {message}")
 
 
 @dataclass
@@ -220,79 +204,6 @@ class EvalConfig:
 
 
 @dataclass
-class SparsityConfig:
-    """How the embedding tables are sparsified: `dense` (not at all) or `dsl` (Dynamic Sparse
-    Learning: a fixed budget of active weights, moved by periodic drop-and-grow)."""
-
-    name: str = "dense"
-    density: float = 0.5
-    """Fraction of the weights of the sparsified tables that are active: budget
-    B = round(density × their total weights), exact on the whole cluster."""
-    delta_t: int = 100
-    """Drop-and-grow every delta_t training steps."""
-    zeta_0: float = 0.5
-    """Initial update fraction ζ_0 of the cosine schedule."""
-    zeta_min: float = 0.005
-    """Final update fraction ζ_min."""
-    t_end: Optional[int] = None
-    """No drop-and-grow after this step (RigL's freeze); null: updates until the end."""
-    scope: str = "global"
-    """global: rank the weights of all tables together, so table densities move;
-    per_table: each table keeps round(density × its size) active weights."""
-    growth: str = "last_batch"
-    """Growth signal: last_batch (the paper: |gradient| of the mini-batch before the update) or
-    accumulated (|gradient| summed over the delta_t steps since the last update)."""
-    growth_every: int = 1
-    """accumulated: sum the |gradient| of every this many steps only (and of the update step):
-    a sample of the window, which costs 1/growth_every of recording every step."""
-    tables: list[str] = field(default_factory=list)
-    """Tables to sparsify; empty: every embedding table."""
-    dense_parameters: list[str] = field(default_factory=list)
-    """Dense parameters to sparsify as well, as glob patterns of their names in the model
-    (`tower.*`, `*`); the budget then spans them and the tables. Empty: none."""
-    reset_optimizer_state: bool = True
-    """Zero the optimizer state of weights that drop-and-grow changes (see README)."""
-    mask_gradients: bool = False
-    """Keep pruned weights at zero by masking the gradient of single-id lookups before the
-    fused optimizer applies it (cheaper than re-masking rows after each step; row-wise
-    Adagrad then accumulates only active weights' gradients, which changes its step size:
-    see README). Needs reset_optimizer_state."""
-
-    def validate(self, max_steps: Optional[int] = None) -> None:
-        require(self.name in SPARSITY_METHODS, "sparsity.name",
-                 f"known methods: {', '.join(SPARSITY_METHODS)}", self.name)
-        require(0 < self.density <= 1, "sparsity.density", "must be in (0, 1]", self.density)
-        check_schedule(self.delta_t, self.zeta_0, self.zeta_min, self.t_end, max_steps,
-                       "train.max_steps")
-        require(self.scope in ("global", "per_table"), "sparsity.scope",
-                 "must be global or per_table", self.scope)
-        require(self.growth in ("last_batch", "accumulated"), "sparsity.growth",
-                 "must be last_batch or accumulated", self.growth)
-        require(self.growth_every >= 1, "sparsity.growth_every", "must be >= 1",
-                 self.growth_every)
-
-
-def is_int(value: object) -> bool:
-    """An int that is not a bool (True is an int to Python)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_schedule(delta_t: int, zeta_0: float, zeta_min: float, t_end: Optional[int],
-                   total_steps: Optional[int], total_key: str) -> None:
-    """The drop-and-grow schedule's fields (see `UpdateSchedule`), named `sparsity.<field>`;
-    t_end must not lie beyond `total_steps` (named `total_key`) when that is known."""
-    require(is_int(delta_t) and delta_t >= 1, "sparsity.delta_t", "must be an integer >= 1",
-             delta_t)
-    require(0 < zeta_0 <= 1, "sparsity.zeta_0", "must be in (0, 1]", zeta_0)
-    require(0 <= zeta_min <= zeta_0, "sparsity.zeta_min", f"must be in [0, zeta_0={zeta_0!r}]",
-             zeta_min)
-    require(t_end is None or (is_int(t_end) and t_end >= 1), "sparsity.t_end",
-             "must be null or an integer >= 1", t_end)
-    require(t_end is None or total_steps is None or t_end <= total_steps, "sparsity.t_end",
-             f"is beyond training ({total_key}={total_steps!r})", t_end)
-
-
-@dataclass
 class CheckpointConfig:
     """Sharded checkpoints (see dsl_dist/checkpoint.py) and resuming from them."""
 
@@ -352,35 +263,3 @@ class RayConfig:
                  self.cpus_per_worker)
         require(self.max_failures >= -1, "ray.max_failures", "must be >= -1 (-1: unlimited)",
                  self.max_failures)
-
-
-@dataclass
-class JobConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    control: ControlConfig = field(default_factory=ControlConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    run_dir: Optional[str] = None
-    """Where metrics.jsonl and results go; None: runs/<data>-<model>-<sparsity>-<time>."""
-    backend: str = "auto"
-    """torch.distributed backend: auto (nccl with CUDA, else gloo), gloo or nccl."""
-
-    def validate(self) -> None:
-        for section in (self.data, self.model, self.train, self.eval, self.checkpoint,
-                        self.control, self.ray):
-            section.validate()
-        self.sparsity.validate(self.train.max_steps)
-        require(self.backend in ("auto", "gloo", "nccl"), "backend", "must be auto, gloo or nccl",
-                 self.backend)
-        on_cpu = self.backend == "gloo" or (self.backend == "auto" and not torch.cuda.is_available())
-        require(not on_cpu or self.train.optimizer in CPU_OPTIMIZERS, "train.optimizer",
-                 f"FBGEMM on CPU offers {CPU_OPTIMIZERS}", self.train.optimizer)
-
-
-def register_configs() -> None:
-    """Registers the schema that `configs/config.yaml` extends."""
-    ConfigStore.instance().store(name="job_schema", node=JobConfig)

@@ -1,0 +1,61 @@
+"""Typed job configuration: one dataclass per concern, validated before any process group starts.
+
+Hydra composes `configs/` on top of these schemas (registered by `register_configs`); the YAML
+files of the groups only override defaults, which live here and nowhere else. The files of
+`configs/experiment/` pin every setting a benchmark depends on, defaults included, so that a
+changed default does not silently change a published figure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from hydra.core.config_store import ConfigStore
+
+from dsl_dist.config.checks import ConfigError, is_int, require
+from dsl_dist.config.sections import (CPU_OPTIMIZERS, DENSE_OPTIMIZERS, OPTIMIZERS,
+                                      SHARDING_TYPES, CheckpointConfig, ControlConfig,
+                                      DataConfig, EvalConfig, LightGCNConfig, ModelConfig,
+                                      MultVAEConfig, NeuMFConfig, RayConfig, TrainConfig)
+from dsl_dist.config.sparsity import BlockConfig, SparsityConfig, check_schedule
+from dsl_dist.registry import MODELS, SPARSITY_METHODS
+
+__all__ = ["CPU_OPTIMIZERS", "DENSE_OPTIMIZERS", "MODELS", "OPTIMIZERS", "SHARDING_TYPES",
+           "SPARSITY_METHODS", "BlockConfig", "CheckpointConfig", "ConfigError",
+           "ControlConfig", "DataConfig", "EvalConfig", "JobConfig", "LightGCNConfig",
+           "ModelConfig", "MultVAEConfig", "NeuMFConfig", "RayConfig", "SparsityConfig",
+           "TrainConfig", "check_schedule", "is_int", "register_configs", "require"]
+
+
+@dataclass
+class JobConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    run_dir: Optional[str] = None
+    """Where metrics.jsonl and results go; None: runs/<data>-<model>-<sparsity>-<time>."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl with CUDA, else gloo), gloo or nccl."""
+
+    def validate(self) -> None:
+        for section in (self.data, self.model, self.train, self.eval, self.checkpoint,
+                        self.control, self.ray):
+            section.validate()
+        self.sparsity.validate(self.train.max_steps)
+        require(self.backend in ("auto", "gloo", "nccl"), "backend", "must be auto, gloo or nccl",
+                 self.backend)
+        on_cpu = self.backend == "gloo" or (self.backend == "auto" and not torch.cuda.is_available())
+        require(not on_cpu or self.train.optimizer in CPU_OPTIMIZERS, "train.optimizer",
+                 f"FBGEMM on CPU offers {CPU_OPTIMIZERS}", self.train.optimizer)
+
+
+def register_configs() -> None:
+    """Registers the schema that `configs/config.yaml` extends."""
+    ConfigStore.instance().store(name="job_schema", node=JobConfig)

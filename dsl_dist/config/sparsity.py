@@ -1,0 +1,105 @@
+"""The sparsity section of the job's config: the method, its budget and schedule, and the
+block method's own settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from dsl_dist.config.checks import is_int, require
+from dsl_dist.registry import SPARSITY_METHODS
+
+
+@dataclass
+class BlockConfig:
+    """block_dsl: DSL over blocks of `size` consecutive dimensions of a row, stored in pools
+    sized to the budget (see dsl_dist/sparsity/block_dsl.py)."""
+
+    size: int = 8
+    """Dimensions per block: a multiple of 4 (FBGEMM's kernels) that divides each sparsified
+    table's width."""
+    headroom: float = 0.1
+    """Pool slots beyond the budget, as a fraction of it: each table's pool holds
+    max(1, density × blocks per row × (1 + headroom)) blocks per row, which also caps how far a
+    table's density can rise under scope=global."""
+    min_blocks: int = 0
+    """Rows never drop below this many active blocks (0: a row may lose all of them, and is
+    then scored as zero)."""
+
+    def validate(self) -> None:
+        require(self.size >= 4 and self.size % 4 == 0, "sparsity.block.size",
+                "must be a positive multiple of 4 (FBGEMM's kernels need it)", self.size)
+        require(self.headroom >= 0, "sparsity.block.headroom", "must be >= 0", self.headroom)
+        require(self.min_blocks >= 0, "sparsity.block.min_blocks", "must be >= 0",
+                self.min_blocks)
+
+
+@dataclass
+class SparsityConfig:
+    """How the embedding tables are sparsified: `dense` (not at all), `dsl` (Dynamic Sparse
+    Learning over single weights: a fixed budget of active weights, moved by periodic
+    drop-and-grow) or `block_dsl` (the same over blocks of rows, stored compactly)."""
+
+    name: str = "dense"
+    density: float = 0.5
+    """Fraction of the weights of the sparsified tables that are active: budget
+    B = round(density × their total weights), exact on the whole cluster."""
+    delta_t: int = 100
+    """Drop-and-grow every delta_t training steps."""
+    zeta_0: float = 0.5
+    """Initial update fraction ζ_0 of the cosine schedule."""
+    zeta_min: float = 0.005
+    """Final update fraction ζ_min."""
+    t_end: Optional[int] = None
+    """No drop-and-grow after this step (RigL's freeze); null: updates until the end."""
+    scope: str = "global"
+    """global: rank the weights of all tables together, so table densities move;
+    per_table: each table keeps round(density × its size) active weights."""
+    growth: str = "last_batch"
+    """Growth signal: last_batch (the paper: |gradient| of the mini-batch before the update) or
+    accumulated (|gradient| summed over the delta_t steps since the last update)."""
+    growth_every: int = 1
+    """accumulated: sum the |gradient| of every this many steps only (and of the update step):
+    a sample of the window, which costs 1/growth_every of recording every step."""
+    tables: list[str] = field(default_factory=list)
+    """Tables to sparsify; empty: every embedding table."""
+    dense_parameters: list[str] = field(default_factory=list)
+    """Dense parameters to sparsify as well, as glob patterns of their names in the model
+    (`tower.*`, `*`); the budget then spans them and the tables. Empty: none."""
+    reset_optimizer_state: bool = True
+    """Zero the optimizer state of weights that drop-and-grow changes (see README)."""
+    mask_gradients: bool = False
+    """Keep pruned weights at zero by masking the gradient of single-id lookups before the
+    fused optimizer applies it (cheaper than re-masking rows after each step; row-wise
+    Adagrad then accumulates only active weights' gradients, which changes its step size:
+    see README). Needs reset_optimizer_state."""
+    block: BlockConfig = field(default_factory=BlockConfig)
+
+    def validate(self, max_steps: Optional[int] = None) -> None:
+        require(self.name in SPARSITY_METHODS, "sparsity.name",
+                 f"known methods: {', '.join(SPARSITY_METHODS)}", self.name)
+        require(0 < self.density <= 1, "sparsity.density", "must be in (0, 1]", self.density)
+        check_schedule(self.delta_t, self.zeta_0, self.zeta_min, self.t_end, max_steps,
+                       "train.max_steps")
+        require(self.scope in ("global", "per_table"), "sparsity.scope",
+                 "must be global or per_table", self.scope)
+        require(self.growth in ("last_batch", "accumulated"), "sparsity.growth",
+                 "must be last_batch or accumulated", self.growth)
+        require(self.growth_every >= 1, "sparsity.growth_every", "must be >= 1",
+                 self.growth_every)
+        self.block.validate()
+
+
+def check_schedule(delta_t: int, zeta_0: float, zeta_min: float, t_end: Optional[int],
+                   total_steps: Optional[int], total_key: str) -> None:
+    """The drop-and-grow schedule's fields (see `UpdateSchedule`), named `sparsity.<field>`;
+    t_end must not lie beyond `total_steps` (named `total_key`) when that is known."""
+    require(is_int(delta_t) and delta_t >= 1, "sparsity.delta_t", "must be an integer >= 1",
+             delta_t)
+    require(0 < zeta_0 <= 1, "sparsity.zeta_0", "must be in (0, 1]", zeta_0)
+    require(0 <= zeta_min <= zeta_0, "sparsity.zeta_min", f"must be in [0, zeta_0={zeta_0!r}]",
+             zeta_min)
+    require(t_end is None or (is_int(t_end) and t_end >= 1), "sparsity.t_end",
+             "must be null or an integer >= 1", t_end)
+    require(t_end is None or total_steps is None or t_end <= total_steps, "sparsity.t_end",
+             f"is beyond training ({total_key}={total_steps!r})", t_end)

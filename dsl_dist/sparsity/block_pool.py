@@ -1,0 +1,153 @@
+"""Block pools: the compact tables of structured DSL, on the model's side.
+
+A sparsified table of N rows × D dimensions is split into blocks of b consecutive dimensions
+(J = D / b block positions per row), and only its active blocks are stored: in a *pool*, an
+ordinary TorchRec table of `capacity` rows of width b, which DistributedModelParallel shards
+(table- or row-wise) and the fused optimizer updates like any table. `BlockEmbeddingBagCollection`
+stands in for an `EmbeddingBagCollection` of the plain model: for each feature of a pooled table
+it sends J features (block j of every looked-up row) under the row's *proxy id*, and
+concatenates their pooled outputs back into the D-wide embedding the model sees.
+
+Proxy ids carry the virtual row to the rank that holds its blocks. The pool has about f = A/1024
+rows per virtual row (density × J × (1 + headroom), at least 1), and row r is sent as
+p(r) = ⌊r·A/1024⌋: row-wise sharding gives each rank a contiguous range of pool rows, and so
+of proxies, and that rank keeps the blocks of exactly the virtual rows whose proxies it owns, in
+those pool rows (its slots). Its embedding kernel turns (p, j) into the slot of block j of row
+r, or drops the id from its bag when that block is inactive, so that the bag pools to zeros
+(dsl_dist/sparsity/block_shard.py). No rank holds a per-row structure for rows it does not own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+
+PROXY_SCALE = 1024
+"""The capacity factor is a multiple of 1/PROXY_SCALE blocks per row."""
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    """How a table of `num_rows` × `dim` is pooled in blocks of `block` dimensions, with
+    `factor` / PROXY_SCALE pool rows (slots) per virtual row (factor >= PROXY_SCALE)."""
+
+    num_rows: int
+    dim: int
+    block: int
+    factor: int
+
+    @classmethod
+    def of(cls, num_rows: int, dim: int, block: int, density: float,
+           headroom: float) -> PoolGeometry:
+        blocks_per_row = dim // block
+        factor = max(PROXY_SCALE, math.ceil(density * blocks_per_row * (1 + headroom)
+                                            * PROXY_SCALE))
+        return cls(num_rows, dim, block, factor)
+
+    @property
+    def blocks_per_row(self) -> int:
+        return self.dim // self.block
+
+    @property
+    def capacity(self) -> int:
+        """Rows of the pool table: one past the proxy of the last row."""
+        return (self.num_rows - 1) * self.factor // PROXY_SCALE + 1 if self.num_rows else 0
+
+    def proxy(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows * self.factor // PROXY_SCALE
+
+    def row_of(self, proxies: torch.Tensor | int) -> torch.Tensor | int:
+        """The virtual row of a proxy; for any pool row, the first row whose proxy is not
+        below it (so the rows of pool rows [a, b) are [row_of(a), row_of(b)))."""
+        return (proxies * PROXY_SCALE + self.factor - 1) // self.factor
+
+
+def block_feature(feature: str, block: int) -> str:
+    """The pool's feature for block position `block` of `feature`."""
+    return f"{feature}#b{block}"
+
+
+class BlockEmbeddingBagCollection(nn.Module):
+    """An EmbeddingBagCollection whose tables in `geometries` are stored as block pools (the
+    others as they are). To the model it is the collection it replaces: the same features and
+    tables (`embedding_bag_configs`), and D-wide pooled embeddings out."""
+
+    def __init__(self, collection: EmbeddingBagCollection,
+                 geometries: dict[str, PoolGeometry]) -> None:
+        super().__init__()
+        self._virtual_tables = collection.embedding_bag_configs()
+        self._weighted = collection.is_weighted()
+        self.geometries = geometries
+        self.pooled_features = {f: geometries[t.name] for t in self._virtual_tables
+                                if t.name in geometries for f in t.feature_names}
+        tables = [EmbeddingBagConfig(name=t.name, embedding_dim=geometries[t.name].block,
+                                     num_embeddings=geometries[t.name].capacity,
+                                     feature_names=[block_feature(f, j) for f in t.feature_names
+                                                    for j in range(geometries[t.name]
+                                                                   .blocks_per_row)],
+                                     pooling=t.pooling)
+                  if t.name in geometries else t for t in self._virtual_tables]
+        self.pool = EmbeddingBagCollection(tables=tables, is_weighted=self._weighted,
+                                           device=torch.device("meta"))
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        """The tables as the model declared them (N × D)."""
+        return self._virtual_tables
+
+    def is_weighted(self) -> bool:
+        return self._weighted
+
+    def _expand(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Every pooled feature as its J block features, each id as its row's proxy."""
+        lengths = features.lengths().view(-1, features.stride())
+        offsets = features.offset_per_key()
+        values, weights = features.values(), features.weights_or_none()
+        keys, parts = [], []
+        for f, key in enumerate(features.keys()):
+            part = (lengths[f], values[offsets[f]:offsets[f + 1]],
+                    None if weights is None else weights[offsets[f]:offsets[f + 1]])
+            geometry = self.pooled_features.get(key)
+            if geometry is None:
+                keys.append(key)
+                parts.append(part)
+                continue
+            proxied = (part[0], geometry.proxy(part[1]), part[2])
+            keys += [block_feature(key, j) for j in range(geometry.blocks_per_row)]
+            parts += [proxied] * geometry.blocks_per_row
+        return KeyedJaggedTensor.from_lengths_sync(
+            keys=keys, values=torch.cat([p[1] for p in parts]),
+            lengths=torch.cat([p[0] for p in parts]),
+            weights=None if weights is None else torch.cat([p[2] for p in parts]))
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        out = self.pool(self._expand(features))
+        keys, tensors = features.keys(), []
+        for key in keys:
+            geometry = self.pooled_features.get(key)
+            tensors.append(out[key] if geometry is None else torch.cat(
+                [out[block_feature(key, j)] for j in range(geometry.blocks_per_row)], dim=1))
+        return KeyedTensor.from_tensor_list(keys, tensors)
+
+
+def pool_collections(model: nn.Module, names: set[str], block: int, density: float,
+                     headroom: float) -> nn.Module:
+    """`model` (plain, on the meta device) with every EmbeddingBagCollection that holds tables
+    in `names` replaced by a BlockEmbeddingBagCollection pooling those tables."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, EmbeddingBagCollection):
+            geometries = {t.name: PoolGeometry.of(t.num_embeddings, t.embedding_dim, block,
+                                                  density, headroom)
+                          for t in child.embedding_bag_configs() if t.name in names}
+            if geometries:
+                setattr(model, name, BlockEmbeddingBagCollection(child, geometries))
+        else:
+            pool_collections(child, names, block, density, headroom)
+    return model
+
+
+def block_collections(model: nn.Module) -> list[BlockEmbeddingBagCollection]:
+    return [m for m in model.modules() if isinstance(m, BlockEmbeddingBagCollection)]

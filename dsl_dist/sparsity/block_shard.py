@@ -1,0 +1,128 @@
+"""One rank's shard of a block pool: which blocks its virtual rows hold, and where.
+
+The shard owns the virtual rows whose proxies fall in its pool rows (block_pool.py). Blocks are
+nested: row r's active blocks are its first `widths[r]`, stored in consecutive slots from
+`rowptr[r]`, rows in order (CSR), so that the whole layout is 5 bytes per owned row (a width and
+an offset) and the slot of block j < widths[r] is rowptr[r] + j. An update changes each row's
+width by at most one block; `set_widths` moves the kept blocks to the new layout in place,
+weights and optimizer state alike, a bounded chunk of rows at a time.
+
+The growth statistics are per row, in bfloat16: |gradient| summed over the block a row would
+grow next (`grow_next`, block widths[r]) and over its last active block (`grow_last`), which
+competes for regrowth when the update drops it (as a dropped weight does in weight-level DSL).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsl_dist.model.shards import TableShard
+from dsl_dist.sparsity.block_pool import PoolGeometry
+
+RELOCATION_ROWS = 1 << 16
+"""Rows whose blocks one step of `set_widths` moves at once (its extra memory: their blocks)."""
+
+
+class PoolShard:
+    """Rows [first_row, end_row) of a pooled table and their blocks in this rank's slots."""
+
+    STATE = ("widths", "grow_next", "grow_last", "high_water")
+    """Per-row tensors a checkpoint keeps (with the blocks themselves)."""
+
+    def __init__(self, shard: TableShard, geometry: PoolGeometry, block_base: int) -> None:
+        self.shard, self.geometry, self.block_base = shard, geometry, block_base
+        self.first_row = int(geometry.row_of(shard.row_offset))
+        self.end_row = min(geometry.num_rows,
+                           int(geometry.row_of(shard.row_offset + shard.num_rows)))
+        rows = max(self.end_row - self.first_row, 0)
+        self.widths = torch.zeros(rows, dtype=torch.uint8)
+        self.rowptr = torch.zeros(rows + 1, dtype=torch.int64)
+        self.grow_next = torch.zeros(rows, dtype=torch.bfloat16)
+        self.grow_last = torch.zeros(rows, dtype=torch.bfloat16)
+        self.high_water = torch.zeros(rows, dtype=torch.uint8)
+        """The widest each row has been: a block grown below it had been dropped before."""
+
+    @property
+    def table(self) -> str:
+        return self.shard.table
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.widths)
+
+    @property
+    def capacity(self) -> int:
+        return self.shard.num_rows
+
+    @property
+    def active_blocks(self) -> int:
+        return int(self.rowptr[-1])
+
+    def block_positions(self, rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """Global positions of blocks (local rows, block index): the same for any sharding."""
+        return self.block_base + (rows + self.first_row) * self.geometry.blocks_per_row + blocks
+
+    def local_rows(self, proxies: torch.Tensor) -> torch.Tensor:
+        """This shard's rows of the (local) pool-row ids its kernel receives."""
+        return self.geometry.row_of(proxies + self.shard.row_offset) - self.first_row
+
+    def slots(self, rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """Slots of active blocks (local rows, block index < their width)."""
+        return self.rowptr[rows] + blocks
+
+    def virtual_rows(self) -> torch.Tensor:
+        """This shard's rows as the model sees them, (rows, D): their blocks, zeros beyond
+        their widths."""
+        g = self.geometry
+        rows = torch.zeros(self.num_rows, g.blocks_per_row, g.block, dtype=self.shard.weight.dtype)
+        active = torch.arange(g.blocks_per_row)[None, :] < self.widths[:, None].long()
+        row_index, block_index = torch.nonzero(active, as_tuple=True)
+        rows[row_index, block_index] = self.shard.weight[self.slots(row_index, block_index)]
+        return rows.view(self.num_rows, g.dim)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The per-slot tensors: weights and fused optimizer state, as (slots, columns)."""
+        return [self.shard.weight, *(s.view(self.capacity, -1)
+                                     for s in self.shard.optimizer_states())]
+
+    @torch.no_grad()
+    def set_widths(self, widths: torch.Tensor) -> None:
+        """Gives every row a new width and moves the blocks it keeps to the new layout, in
+        place; its new blocks, and every slot past the last block, are zeroed with their
+        optimizer state. Refuses a layout beyond the shard's slots."""
+        new_ptr = torch.zeros_like(self.rowptr)
+        torch.cumsum(widths.to(torch.int64), 0, out=new_ptr[1:])
+        if int(new_ptr[-1]) > self.capacity:
+            raise RuntimeError(f"{self.table}: {int(new_ptr[-1])} active blocks exceed the "
+                               f"{self.capacity} slots of the shard at row {self.first_row}; "
+                               "raise sparsity.block.headroom")
+        new_widths = widths.to(torch.int64)
+        kept = torch.minimum(self.widths.to(torch.int64), new_widths)
+        delta = new_ptr[:-1] - self.rowptr[:-1]
+        tensors = self.tensors()
+        for upwards in (False, True):  # down-movers from the bottom, then up-movers from the top
+            rows = torch.nonzero(((delta > 0) if upwards else (delta < 0)) & (kept > 0)).flatten()
+            for chunk in (rows.flip(0) if upwards else rows).split(RELOCATION_ROWS):
+                source = _expand(self.rowptr[chunk], kept[chunk])
+                target = source + torch.repeat_interleave(delta[chunk], kept[chunk])
+                for tensor in tensors:
+                    tensor.index_copy_(0, target, tensor.index_select(0, source))
+        grown = torch.nonzero(new_widths > kept).flatten()
+        for chunk in grown.split(RELOCATION_ROWS):
+            fresh = _expand(new_ptr[chunk] + kept[chunk], new_widths[chunk] - kept[chunk])
+            for tensor in tensors:
+                tensor.index_fill_(0, fresh, 0)
+        for tensor in tensors:
+            tensor[int(new_ptr[-1]):] = 0
+        self.widths.copy_(widths)
+        self.rowptr = new_ptr
+        self.high_water = torch.maximum(self.high_water, self.widths)
+
+
+def _expand(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[s, s + c) for every (s, c), one after another."""
+    total = int(counts.sum())
+    ends = torch.cumsum(counts, 0)
+    return (torch.arange(total, dtype=torch.int64)
+            - torch.repeat_interleave(ends - counts, counts, output_size=total)
+            + torch.repeat_interleave(starts, counts, output_size=total))
