@@ -30,6 +30,7 @@ def train_and_look_up(overrides: list[str]) -> dict:
     embeddings the model looks up are the pools' blocks with zeros beyond every row's width."""
     from dsl_dist.distributed import shutdown_distributed
     from dsl_dist.model.base import lookup
+    from dsl_dist.model.mf import bpr_loss
     from dsl_dist.train import build_trainer
 
     trainer = build_trainer(load(*overrides))
@@ -46,8 +47,22 @@ def train_and_look_up(overrides: list[str]) -> dict:
         beyond = columns >= s.widths[:, None].long() * s.geometry.block
         zeros_beyond &= bool((rows[beyond] == 0).all()) and bool((rows[~beyond] != 0).any())
     slots = sum(s.capacity for s in trainer.sparsity.shards)
+    # a training batch's loss from the whole tables as the pools hold them, rebuilt here
+    tables = {"user": torch.zeros(trainer.manifest.num_users, 16),
+              "item": torch.zeros(trainer.manifest.num_items, 16)}
+    for shards in trainer.ctx.all_gather_object([(s.table, s.first_row, s.virtual_rows())
+                                                 for s in trainer.sparsity.shards]):
+        for table, first, rows in shards:
+            tables[table][first:first + len(rows)] = rows
+    batch = next(iter(trainer.stream))
+    with torch.no_grad():
+        loss = float(trainer.model(batch))
+    ids = {key: batch[key].values() for key in batch.keys()}
+    expected = float(bpr_loss(tables["user"][ids["user"]], tables["item"][ids["item"]],
+                              tables["item"][ids["neg_0"]][:, None], trainer.cfg.train.l2_reg))
     shutdown_distributed()
-    return {"metrics": metrics, "exact": exact, "zeros_beyond": zeros_beyond, "slots": slots}
+    return {"metrics": metrics, "exact": exact, "zeros_beyond": zeros_beyond, "slots": slots,
+            "loss": loss, "expected_loss": expected}
 
 
 @pytest.mark.multiprocess
@@ -66,6 +81,8 @@ def test_block_dsl_learns_within_a_pool_of_its_budget(sharding_type: str, cluste
         assert update["dropped"] == update["grown"] and update["dropped"] % 4 == 0
     assert any(u["grown"] > u["regrown"] for u in events["update"]), "nothing new ever grew"
     assert all(r["exact"] and r["zeros_beyond"] for r in results)
+    for result in results:  # training sees each feature's own blocks, whatever the sharding
+        assert result["loss"] == pytest.approx(result["expected_loss"], rel=1e-5)
     # the pools hold the budget and their headroom (10%), not the dense tables' 180 rows x 16
     slots = sum(r["slots"] for r in results)
     assert budget / 4 <= slots <= 1.1 * budget / 4 + 2
@@ -169,3 +186,24 @@ def test_block_checkpoints_resume_exactly_and_reshard(tmp_path: Path) -> None:
     histories = [json.loads((final_checkpoint(r) / "trainer.json").read_text())["controller"]
                  for r in (base, one)]
     assert histories[0]["history"] == histories[1]["history"] and histories[0]["unit"] == 8
+
+
+def test_the_embeddings_follow_the_order_the_pool_outputs() -> None:
+    """A sharded pool returns its features in the order of its shards, not of its tables:
+    the collection must label the columns it hands the model by that order."""
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+    from dsl_dist.sparsity.block_pool import BlockEmbeddingBagCollection, PoolGeometry
+
+    plain = EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name="user", embedding_dim=8, num_embeddings=10,
+                           feature_names=["user"]),
+        EmbeddingBagConfig(name="item", embedding_dim=8, num_embeddings=10,
+                           feature_names=["item", "neg_0"])], device=torch.device("meta"))
+    pooled = BlockEmbeddingBagCollection(plain, {"item": PoolGeometry.of(10, 8, 4, 0.5, 0.1),
+                                                 "user": PoolGeometry.of(10, 8, 4, 0.5, 0.1)})
+    order = ("item#b0", "item#b1", "neg_0#b0", "neg_0#b1", "user#b0", "user#b1")
+    assert pooled._virtual_order(order) == (["item", "neg_0", "user"], [8, 8, 8])
+    with pytest.raises(RuntimeError, match="not consecutive"):
+        pooled._virtual_order(("item#b0", "user#b0", "item#b1", "user#b1", "neg_0#b0",
+                               "neg_0#b1"))

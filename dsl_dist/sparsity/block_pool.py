@@ -93,6 +93,8 @@ class BlockEmbeddingBagCollection(nn.Module):
                   if t.name in geometries else t for t in self._virtual_tables]
         self.pool = EmbeddingBagCollection(tables=tables, is_weighted=self._weighted,
                                            device=torch.device("meta"))
+        self._dims = {f: t.embedding_dim for t in self._virtual_tables for f in t.feature_names}
+        self._orders: dict[tuple[str, ...], tuple[list[str], list[int]]] = {}
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         """The tables as the model declared them (N × D)."""
@@ -124,14 +126,31 @@ class BlockEmbeddingBagCollection(nn.Module):
             weights=None if weights is None else torch.cat([p[2] for p in parts]))
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """The pool's output as it is: the J block features of a feature come out as
+        consecutive columns, in order, which together are that feature's D-wide embedding."""
         out = self.pool(self._expand(features))
-        keys, tensors = features.keys(), []
-        for key in keys:
-            geometry = self.pooled_features.get(key)
-            tensors.append(out[key] if geometry is None else torch.cat(
-                [out[block_feature(key, j)] for j in range(geometry.blocks_per_row)], dim=1))
-        return KeyedTensor.from_tensor_list(keys, tensors)
+        keys, dims = self._virtual_order(tuple(out.keys()))
+        return KeyedTensor(keys=keys, length_per_key=dims, values=out.values())
 
+    def _virtual_order(self, pool_keys: tuple[str, ...]) -> tuple[list[str], list[int]]:
+        """The features (and widths) in the order the pool's output holds them, which the
+        sharding decides; checked once for every order seen."""
+        if pool_keys not in self._orders:
+            keys, dims, position = [], [], 0
+            while position < len(pool_keys):
+                feature = pool_keys[position].rpartition("#b")[0] or pool_keys[position]
+                geometry = self.pooled_features.get(feature)
+                span = geometry.blocks_per_row if geometry else 1
+                expected = [block_feature(feature, j) for j in range(span)] if geometry \
+                    else [feature]
+                if list(pool_keys[position:position + span]) != expected:
+                    raise RuntimeError(f"pool output {pool_keys}: the blocks of {feature!r} "
+                                       "are not consecutive")
+                keys.append(feature)
+                dims.append(self._dims[feature])
+                position += span
+            self._orders[pool_keys] = (keys, dims)
+        return self._orders[pool_keys]
 
 def pool_collections(model: nn.Module, names: set[str], block: int, density: float,
                      headroom: float) -> nn.Module:
