@@ -1,0 +1,32 @@
+"""`dsl-dist COMMAND ...`: the tools around a training run (training itself is `dsl-train` /
+`torchrun -m dsl_dist.train` with Hydra overrides).
+
+Each command lives in its own module, imported only when it runs, with a
+`main(argv: list[str]) -> None` that parses its own arguments.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "export": ("dsl_dist.export", "write a trained run's model as a compact artifact"),
+    "serve": ("dsl_dist.serve", "serve an exported artifact's top-K recommendations over HTTP"),
+    "report": ("dsl_dist.report", "plot one or more runs (learning curves, densities, masks)"),
+}
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:8} {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: dsl-dist COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(lines),
+              file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()
