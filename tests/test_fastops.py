@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dsl_dist.sparsity.fastops import any_per_row, compress, flat_nonzero, multiply_rows_
+from dsl_dist.sparsity.fastops import (any_per_row, compress, flat_nonzero, multiply_rows_,
+                                       pack_bits, unpack_bits)
 
 
 def test_bool_primitives_match_torch() -> None:
@@ -26,6 +27,16 @@ def test_multiply_rows_touches_only_the_given_rows_and_allows_repeats() -> None:
     expected = weight.detach().clone()
     expected[rows.unique()] *= keep[rows.unique()]
     with torch.no_grad():
-        multiply_rows_(weight, keep, rows)
+        multiply_rows_(weight, rows, keep[rows])
     assert torch.equal(weight, expected)
     assert not torch.equal(expected, weight * keep)  # rows outside `rows` kept their values
+
+
+def test_bits_pack_eight_columns_a_byte_and_unpack_exactly() -> None:
+    generator = torch.Generator().manual_seed(2)
+    for cols in (4, 8, 12, 64):
+        mask = torch.rand(33, cols, generator=generator) < 0.3
+        packed = pack_bits(mask)
+        assert packed.dtype == torch.uint8 and packed.shape == (33, (cols + 7) // 8)
+        assert torch.equal(unpack_bits(packed, cols), mask)
+        assert int(packed[0, 0]) >> 7 == int(mask[0, 0])  # first column, high bit

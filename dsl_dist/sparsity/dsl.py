@@ -1,12 +1,15 @@
 """Dynamic Sparse Learning on the local shards of a sharded model, with an exact cluster-wide
 budget.
 
-Every rank holds the masks of its own shards. Initial masks and every drop-and-grow are chosen
-by `select_extreme` over the candidates of all ranks, whose rounds of counts are all-reduced
-over the training process group, so the choice is exact, deterministic and independent of the
-world size and of where the controller lives. The controller (dsl_dist/control) only says how
-many weights each update moves and keeps the outcome. Data-parallel tables are replicated:
-rank 0 alone offers their candidates and broadcasts the result.
+Every rank holds the masks of its own shards (masks.py: a bit per weight). Initial masks and
+every drop-and-grow are chosen by an exact distributed selection over the candidates of all
+ranks (streaming.py), whose rounds of counts are all-reduced over the training process group,
+so the choice is exact, deterministic and independent of the world size and of where the
+controller lives; it visits the shards a chunk of rows at a time, so an update's extra memory
+is bounded by `sparsity.update_memory_mb`, not by the tables. The controller
+(dsl_dist/control) only says how many weights each update moves and keeps the outcome.
+Data-parallel tables are replicated: rank 0 alone offers their candidates and broadcasts the
+result.
 
 The criteria are the paper's: drop the active weights of smallest |w|, grow the inactive
 weights of largest growth statistic (|gradient|, see growth.py).
@@ -15,7 +18,7 @@ weights of largest growth statistic (|gradient|, see growth.py).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
@@ -27,12 +30,15 @@ from dsl_dist.distributed import DistContext
 from dsl_dist.model.shards import DenseBlock, WeightBlock, dense_blocks, local_table_shards
 from dsl_dist.sparsity.base import Controller, SparsityMethod, SparsitySetup
 from dsl_dist.sparsity.budget import Group, budget_groups, position_bases
-from dsl_dist.sparsity.fastops import any_per_row, flat_nonzero
+from dsl_dist.sparsity.candidates import ShardCandidates
+from dsl_dist.sparsity.fastops import any_per_row, pack_bits, unpack_bits
 from dsl_dist.sparsity.growth import GrowthRecorder
 from dsl_dist.sparsity.masks import POSITION_SCRAMBLE, MaskedShard, uniform_hash
-from dsl_dist.sparsity.selection import Part, select_across
+from dsl_dist.sparsity.streaming import Selection, select_streaming
 
 _DIGEST_BITS = 32
+_BYTES_PER_ENTRY = 32
+"""Temporaries of a pass per weight of its chunk (keys, scores, masks, positions)."""
 
 if TYPE_CHECKING:
     from dsl_dist.checkpoint import CheckpointStore
@@ -87,10 +93,13 @@ class DynamicSparseTraining(SparsityMethod):
         self.table_sizes = {n: sizes[n] for n in names}
         self.table_shapes = {n: shapes[n] for n in names}
         self.position_bits = max(1, sum(sizes.values()).bit_length())
-        self.shards = [MaskedShard(b, bases[b.table]) for b in blocks]
+        self.elements = max(1 << 12, (cfg.update_memory_mb << 20) // _BYTES_PER_ENTRY)
+        growth_dtype = getattr(torch, cfg.growth_dtype)
+        self.shards = [MaskedShard(b, bases[b.table], growth_dtype) for b in blocks]
         self.recorder = GrowthRecorder(self.shards, ctx.world_size,
                                        mask_gradients=(cfg.mask_gradients and
                                                        cfg.reset_optimizer_state))
+        self._checkpoint_views: dict[tuple[int, str], torch.Tensor] = {}
         self._init_masks()
 
     @property
@@ -101,33 +110,40 @@ class DynamicSparseTraining(SparsityMethod):
         """Whether this rank offers the shard's candidates (replicated ones: rank 0 only)."""
         return not shard.shard.replicated or self.ctx.is_main
 
-    def _select(self, group: Group, k: int, *, largest: bool, scores: Any,
-                candidates: Optional[Any] = None) -> dict[int, torch.Tensor]:
-        """Per shard of `group`, which of its weights are among the k extreme scores of the
-        candidates (every weight if `candidates` is None)."""
-        members = [s for s in self.shards if s.table in group.tables]
-        offered = [s for s in members if self._offers(s)]
-        parts = [Part(scores(s), None if candidates is None else candidates(s), s.positions_at)
-                 for s in offered]
-        chosen = select_across(parts, k, largest=largest, reduce_counts=self.ctx.all_reduce_sum,
-                               position_bits=self.position_bits)
-        result = {id(s): c for s, c in zip(offered, chosen)}
-        for s in members:
+    def _members(self, group: Group) -> list[MaskedShard]:
+        return [s for s in self.shards if s.table in group.tables]
+
+    def _select(self, group: Group, k: int, largest: bool,
+                entries: Callable) -> tuple[ShardCandidates, Selection]:
+        """The k extreme candidates of `group` over all ranks, and this rank's candidates."""
+        source = ShardCandidates([s for s in self._members(group) if self._offers(s)],
+                                 entries, self.elements, self.position_bits)
+        return source, select_streaming(source, k, largest=largest,
+                                        reduce_counts=self.ctx.all_reduce_sum,
+                                        position_bits=self.position_bits)
+
+    def _broadcast_replicated(self, group: Group, *packed: str) -> None:
+        """Rank 0's `packed` bit tensors of the group's replicated shards, on every rank."""
+        for s in self._members(group):
             if s.shard.replicated:
-                result[id(s)] = self.ctx.broadcast_tensor(
-                    result.get(id(s), torch.zeros_like(s.mask)).clone())
-        return result
+                for name in packed:
+                    self.ctx.broadcast_tensor(getattr(s, name))
 
     @torch.no_grad()
     def _init_masks(self) -> None:
         """Exactly `budget` active weights per group, at the positions of smallest hash."""
         for group in self.groups:
-            chosen = self._select(group, group.budget, largest=False,
-                                  scores=lambda s: uniform_hash(s.positions(), self.seed))
-            for s in self.shards:
-                if s.table in group.tables:
-                    s.mask.copy_(chosen[id(s)])
-                    s.apply_()
+            source, chosen = self._select(
+                group, group.budget, False,
+                lambda s, rows: (uniform_hash(s.positions(rows), self.seed), None))
+            for index, rows in source.shard_chunks():
+                shard = source.shards[index]
+                shard.bits[rows] = pack_bits(chosen.chosen(source.chunk(index, rows),
+                                                           source.tie_keys)
+                                             .view(-1, shard.num_cols))
+            self._broadcast_replicated(group, "bits")
+            for s in self._members(group):
+                s.apply_(elements=self.elements)
 
     def before_step(self, step: int) -> None:
         """Called before training step `step` (counted from 1): record gradients if the
@@ -144,7 +160,8 @@ class DynamicSparseTraining(SparsityMethod):
         """Re-zeroes pruned weights of the rows this step updated; at update steps runs
         drop-and-grow and returns its record."""
         for s in self.shards:
-            s.apply_(None if s.shard.replicated else self.recorder.take_touched_rows(s))
+            s.apply_(None if s.shard.replicated else self.recorder.take_touched_rows(s),
+                     elements=self.elements)
         return self.update(step) if self.controller.schedule.is_update_step(step) else None
 
     @torch.no_grad()
@@ -152,26 +169,17 @@ class DynamicSparseTraining(SparsityMethod):
         started = time.perf_counter()
         moved = torch.zeros(3, dtype=torch.int64)  # dropped, grown, regrown (this rank)
         for group, k in zip(self.groups, self.controller.plan(step)):
-            dropped = self._select(group, k, largest=False,
-                                   scores=lambda s: s.shard.weight.abs(),
-                                   candidates=lambda s: s.mask)
-            grown = self._select(group, k, largest=True, scores=lambda s: s.growth,
-                                 candidates=lambda s: ~(s.mask & ~dropped[id(s)]))
-            for s in self.shards:
-                if s.table not in group.tables:
-                    continue
-                drop, grow = dropped[id(s)], grown[id(s)]
-                new_mask = (s.mask & ~drop) | grow
-                if self._offers(s):  # count_nonzero: bool sum() is ~20x slower
-                    regrown = grow & (s.ever_dropped | drop)
-                    moved += torch.tensor([int(torch.count_nonzero(drop)),
-                                           int(torch.count_nonzero(grow)),
-                                           int(torch.count_nonzero(regrown))])
-                if self.cfg.reset_optimizer_state:
-                    self._reset_optimizer_state(s, new_mask)
-                s.ever_dropped |= drop
-                s.mask.copy_(new_mask)
-                s.apply_()
+            drops, drop = self._select(group, k, False,
+                                       lambda s, rows: (s.shard.weight[rows].abs(),
+                                                        s.mask_of(rows)))
+
+            def growable(s: MaskedShard, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+                """Inactive weights, and the active ones this update drops."""
+                dropped = drop.chosen(drops.chunk(drops.shards.index(s), rows), drops.tie_keys)
+                return s.growth[rows], ~s.mask_of(rows) | dropped.view(-1, s.num_cols)
+
+            grows, grow = self._select(group, k, True, growable)
+            moved += self._move(group, drops, drop, grows, grow)
         for s in self.shards:
             s.growth.zero_()
         active, digest = self.active_per_table()
@@ -184,18 +192,48 @@ class DynamicSparseTraining(SparsityMethod):
         self.controller.record(record)
         return record
 
+    def _move(self, group: Group, drops: ShardCandidates, drop: Selection,
+              grows: ShardCandidates, grow: Selection) -> torch.Tensor:
+        """Applies the group's drop and grow: new masks (rank 0's for replicated shards),
+        reset optimizer state, pruned weights zeroed. Returns this rank's (dropped, grown,
+        regrown) counts."""
+        moved = torch.zeros(3, dtype=torch.int64)
+        new_bits = {id(s): torch.empty_like(s.bits) for s in self._members(group)}
+        for index, rows in drops.shard_chunks():
+            s = drops.shards[index]
+            mask = s.mask_of(rows)
+            dropped = drop.chosen(drops.chunk(index, rows), drops.tie_keys).view_as(mask)
+            grown = grow.chosen(grows.chunk(index, rows), grows.tie_keys).view_as(mask)
+            regrown = grown & (s.dropped_of(rows) | dropped)
+            moved += torch.tensor([int(torch.count_nonzero(t)) for t in (dropped, grown,
+                                                                           regrown)])
+            s.dropped_bits[rows] |= pack_bits(dropped)
+            new_bits[id(s)][rows] = pack_bits((mask & ~dropped) | grown)
+        for s in self._members(group):
+            if s.shard.replicated:
+                self.ctx.broadcast_tensor(new_bits[id(s)])
+                self.ctx.broadcast_tensor(s.dropped_bits)
+            for rows in s.row_chunks(self.elements):
+                new = unpack_bits(new_bits[id(s)][rows], s.num_cols)
+                if self.cfg.reset_optimizer_state:
+                    self._reset_optimizer_state(s, rows, s.mask_of(rows), new)
+                s.shard.weight[rows].mul_(new.view(torch.uint8))
+            s.bits = new_bits[id(s)]
+        return moved
+
     @staticmethod
-    def _reset_optimizer_state(shard: MaskedShard, new_mask: torch.Tensor) -> None:
+    def _reset_optimizer_state(shard: MaskedShard, rows: slice, old: torch.Tensor,
+                               new: torch.Tensor) -> None:
         """Zeroes per-weight optimizer state where the mask changes; per-row state (row-wise
         Adagrad) only for rows that had no active weight before, since it is shared with the
         row's other, unchanged weights."""
-        unchanged = (new_mask == shard.mask).view(torch.uint8)  # x * 0/1 beats masked_fill_
-        revived_rows = ~any_per_row(shard.mask) & any_per_row(new_mask)
+        unchanged = (new == old).view(torch.uint8)  # x * 0/1 beats masked_fill_
+        revived_rows = ~any_per_row(old) & any_per_row(new)
         for state in shard.shard.optimizer_states():
-            if state.numel() == unchanged.numel():
-                state.view_as(unchanged).mul_(unchanged)
-            elif state.numel() == unchanged.shape[0]:
-                state.view(-1).mul_((~revived_rows).view(torch.uint8))
+            if state.numel() == shard.num_rows * shard.num_cols:
+                state.view(shard.num_rows, shard.num_cols)[rows].mul_(unchanged)
+            elif state.numel() == shard.num_rows:
+                state.view(-1)[rows].mul_((~revived_rows).view(torch.uint8))
 
     def active_per_table(self) -> tuple[dict[str, int], str]:
         """Active weights of each sparsified table, summed over the cluster, and a digest of
@@ -204,39 +242,54 @@ class DynamicSparseTraining(SparsityMethod):
         names = list(self.table_sizes)
         local = torch.zeros(len(names) + 1, dtype=torch.int64)
         for s in self.shards:
-            if self._offers(s):
-                active = s.positions_at(flat_nonzero(s.mask))
+            if not self._offers(s):
+                continue
+            for rows in s.row_chunks(self.elements):
+                active = s.positions(rows)[s.mask_of(rows)]
                 local[names.index(s.table)] += active.numel()
                 hashes = (active * POSITION_SCRAMBLE) >> (64 - _DIGEST_BITS)
                 local[-1] += int((hashes & ((1 << _DIGEST_BITS) - 1)).sum())
         total = self.ctx.all_reduce_sum(local)
         return {name: int(total[i]) for i, name in enumerate(names)}, f"{int(total[-1]):x}"
 
+    def memory_bytes(self) -> int:
+        """Bytes of sparsity state on this rank."""
+        return sum(t.numel() * t.element_size() for s in self.shards
+                   for t in (s.bits, s.dropped_bits, s.growth))
+
     def state_dict(self) -> dict[str, Any]:
-        """Masks, drop history and growth statistics: one tensor per table and kind, sharded
-        like the table (a ShardedTensor of this rank's shards at their global offsets; the
-        full tensor for replicated tables), so that DCP saves each rank's part and reshards on
-        load. Its tensors are the live state: loading into them restores it in place."""
+        """Masks, drop history (as bool tensors) and growth statistics: one tensor per table
+        and kind, sharded like the table (a ShardedTensor of this rank's shards at their global
+        offsets; the full tensor for replicated tables), so that DCP saves each rank's part and
+        reshards on load. The masks are unpacked for the checkpoint (a byte a weight while it
+        is written or read); `load_state_dict` packs what DCP loaded into them."""
         state: dict[str, Any] = {}
+        self._checkpoint_views = {}
         for table, shape in self.table_shapes.items():
             shards = [s for s in self.shards if s.table == table]
             for kind in MaskedShard.STATE:
+                views = [s.growth if kind == "growth" else s.mask if kind == "mask"
+                         else s.dropped_of(slice(None)) for s in shards]
+                self._checkpoint_views.update({(id(s), kind): v for s, v in zip(shards, views)})
                 if shards and shards[0].shard.replicated:
-                    state[f"{table}.{kind}"] = getattr(shards[0], kind)
+                    state[f"{table}.{kind}"] = views[0]
                     continue
-                local = [Shard(getattr(s, kind), ShardMetadata(
-                    [s.shard.row_offset, s.shard.col_offset], [s.shard.num_rows, s.shard.num_cols],
-                    f"rank:{self.ctx.rank}/{self.ctx.device}")) for s in shards]
+                local = [Shard(v, ShardMetadata(
+                    [s.shard.row_offset, s.shard.col_offset], [s.num_rows, s.num_cols],
+                    f"rank:{self.ctx.rank}/{self.ctx.device}")) for s, v in zip(shards, views)]
                 state[f"{table}.{kind}"] = ShardedTensor._init_from_local_shards(
                     local, list(shape), process_group=self.ctx.group)
         return state
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Re-zeroes pruned weights: DCP has loaded `state` into the live tensors that
-        `state_dict()` returned (after the model's weights)."""
+        """Packs the masks DCP loaded (into the tensors `state_dict()` returned, after the
+        model's weights) and re-zeroes pruned weights."""
         for s in self.shards:
-            s.apply_()
+            s.bits = pack_bits(self._checkpoint_views[(id(s), "mask")])
+            s.dropped_bits = pack_bits(self._checkpoint_views[(id(s), "ever_dropped")])
+            s.apply_(elements=self.elements)
+        self._checkpoint_views = {}
 
     def register_state(self, store: CheckpointStore) -> None:
         store.register("sparsity", self, sharded=True)

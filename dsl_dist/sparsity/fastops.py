@@ -33,18 +33,37 @@ def any_per_row(mask: torch.Tensor) -> torch.Tensor:
     return mask.any(1)
 
 
-def multiply_rows_(weight: torch.Tensor, factors: torch.Tensor, rows: torch.Tensor) -> None:
-    """weight[rows] *= factors[rows] in place, for 2-D tensors of the same shape (repeated rows
-    allowed: each copy writes the same product). NumPy's take and fancy assignment are ~1.5x
-    faster here than torch's index_select/index_copy_, and this runs after every step."""
+def multiply_rows_(weight: torch.Tensor, rows: torch.Tensor, factors: torch.Tensor) -> None:
+    """weight[rows[i]] *= factors[i] in place, for a 2-D weight and (len(rows), cols) factors
+    (repeated rows allowed when their factors agree: each copy writes the same product).
+    NumPy's take and fancy assignment are ~1.5x faster here than torch's
+    index_select/index_copy_, and this runs after every step."""
     if weight.device.type == "cpu":
         w, r = weight.detach().numpy(), rows.numpy()
         block = np.take(w, r, axis=0)
-        block *= np.take(factors.numpy(), r, axis=0)
+        block *= factors.numpy()
         w[r] = block
         return
-    block = weight.index_select(0, rows)
-    weight.index_copy_(0, rows, block.mul_(factors.index_select(0, rows)))
+    weight.index_copy_(0, rows, weight.index_select(0, rows).mul_(factors))
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A 2-D bool tensor as uint8 (rows, ceil(cols / 8)), 8 columns a byte, first column in
+    the high bit (NumPy's packbits)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.packbits(mask.contiguous().numpy(), axis=1))
+    padded = torch.nn.functional.pad(mask, (0, -mask.shape[1] % 8)).view(mask.shape[0], -1, 8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=mask.device)
+    return (padded.to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """The bool (rows, cols) tensor `pack_bits` packed."""
+    if packed.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(packed.contiguous().numpy(), axis=1,
+                                              count=cols).view(np.bool_))
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    return ((packed[..., None] >> shifts) & 1).bool().view(packed.shape[0], -1)[:, :cols]
 
 
 def concat(tensors: list[torch.Tensor]) -> torch.Tensor:

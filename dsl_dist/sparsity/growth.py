@@ -99,12 +99,13 @@ class GrowthRecorder:
             rows, inverse = torch.unique(ids, return_inverse=True)
             row_grad = torch.zeros(len(rows), grads.shape[1], dtype=torch.float32,
                                    device=grads.device).index_add_(0, inverse, grads.float())
-            targets[key].growth.index_add_(0, rows, row_grad.abs_())
+            growth = targets[key].growth
+            growth.index_add_(0, rows, row_grad.abs_().to(growth.dtype))
         if not masked:
             return grad
         grad = grad.clone()
         for ids, columns, shard in masked:
-            grad[:, columns] *= shard.keep.index_select(0, ids)
+            grad[:, columns] *= shard.keep_rows(ids)
         return grad
 
     @torch.no_grad()
@@ -115,7 +116,7 @@ class GrowthRecorder:
             for s in self.replicated:
                 gradient = s.shard.gradient()
                 if gradient is not None:
-                    s.growth += gradient.abs() * self.world_size
+                    s.growth += (gradient.abs() * self.world_size).to(s.growth.dtype)
 
     def take_touched_rows(self, shard: MaskedShard) -> torch.Tensor:
         """Local rows of `shard` that need re-masking: looked up since the last call in bags

@@ -107,6 +107,16 @@ def _threshold_bin(histogram: torch.Tensor, k: int, largest: bool) -> tuple[int,
     return (BINS - 1 - index if largest else index), passed
 
 
+def narrow(histogram: torch.Tensor, k: int, largest: bool, prefix: int,
+           reduce_counts: CountReducer) -> tuple[int, int, int]:
+    """One radix round's decision from this rank's histogram of a digit: the digit of the
+    k-th best key over all ranks appended to `prefix`, how many of the k remain to take in
+    its bin, and how many keys the bin holds. Returns (prefix, k, tied)."""
+    histogram = reduce_counts(histogram)
+    digit, passed = _threshold_bin(histogram, k, largest)
+    return (prefix << DIGIT_BITS) | digit, k - passed, int(histogram[digit])
+
+
 def _radix_select(keys: torch.Tensor, count: int, k: int, bits: int, largest: bool,
                   signed: bool, reduce_counts: CountReducer,
                   candidates: Optional[torch.Tensor] = None) -> tuple[int, int, int, int]:
@@ -137,15 +147,11 @@ def _radix_select(keys: torch.Tensor, count: int, k: int, bits: int, largest: bo
         flip = BINS // 2 if signed and shift == SCORE_BITS - DIGIT_BITS else 0
         if flip:
             histogram = histogram.roll(flip)
-        histogram = reduce_counts(histogram)
-        digit, passed = _threshold_bin(histogram, k, largest)
-        k -= passed
-        tied = int(histogram[digit])
-        prefix = (prefix << DIGIT_BITS) | digit
+        prefix, k, tied = narrow(histogram, k, largest, prefix, reduce_counts)
         if k == tied or shift == 0:
             return shift, prefix, k, tied
         if tied != count or excluded:  # else every remaining key is in this bin, everywhere
-            remaining = compress(remaining, digits == (digit ^ flip))
+            remaining = compress(remaining, digits == ((prefix & (BINS - 1)) ^ flip))
         count = tied
         shift -= DIGIT_BITS
 
