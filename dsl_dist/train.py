@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from dsl_dist.data.prepare import ensure_prepared
 from dsl_dist.data.stream import EpochStream, InteractionStream, UserHistoryStream
 from dsl_dist.distributed import DistContext, init_distributed, shutdown_distributed
 from dsl_dist.evaluation import evaluate
+from dsl_dist.memory import PeakTracker, rss_mb, tensor_bytes
 from dsl_dist.model.base import PAIRS
 from dsl_dist.model.registry import build_model, prepare_model_data
 from dsl_dist.model.sharding import dense_optimizer, embedding_tables, shard_model
@@ -82,7 +82,11 @@ class Trainer:
             num_shards=cfg.data.num_shards, seed=cfg.train.seed))
         ctx.main_then_broadcast(lambda: prepare_model_data(cfg, self.dataset_dir))
         method = load(SPARSITY_METHODS, cfg.sparsity.name)
+        self.peaks = PeakTracker()
+        baseline_rss_mb = rss_mb()  # the process before the model: imports, data, libraries
         module = build_model(cfg, self.manifest, self.dataset_dir)
+        self.weights = sum(t.num_embeddings * t.embedding_dim for t in embedding_tables(module))
+        """The model's table weights, as declared (a sparsity method may store fewer)."""
         if hasattr(method, "transform_model"):
             module = method.transform_model(cfg.sparsity, module)
         self.stream = self._stream(module.batches)
@@ -101,6 +105,22 @@ class Trainer:
                                                                        self.total_steps),
                                    budgets, unit))))
         self._register_state()
+        self._log_memory(baseline_rss_mb)
+
+    def _log_memory(self, baseline_rss_mb: float) -> None:
+        """The `memory` line: bytes of table weights, optimizer state and sparsity state,
+        counted from the tensors and summed over the ranks, and each rank's baseline RSS."""
+        shards = local_table_shards(self.model)
+        optimizer = [t for s in shards for t in s.optimizer_states()]
+        if self.dense_optimizer is not None:
+            optimizer += [t for state in self.dense_optimizer.state.values()
+                          for t in state.values() if isinstance(t, torch.Tensor)]
+        counts = torch.tensor([tensor_bytes(s.weight for s in shards), tensor_bytes(optimizer),
+                               self.sparsity.memory_bytes()])
+        table, optimizer_bytes, sparsity = (int(x) for x in self.ctx.all_reduce_sum(counts))
+        self.log.write("memory", table_bytes=table, optimizer_bytes=optimizer_bytes,
+                       sparsity_bytes=sparsity, weights=self.weights,
+                       baseline_rss_mb=self.ctx.all_gather_object(baseline_rss_mb))
 
     def _register_state(self) -> None:
         """Everything a checkpoint keeps, in the order it is restored: the settings first (a
@@ -145,9 +165,12 @@ class Trainer:
             self.dense_optimizer.step()
             self.dense_optimizer.zero_grad()
         self.progress.step += 1
+        self.peaks.start()
         update = self.sparsity.after_optimizer_step(self.step)
+        peak = self.peaks.stop()
         if update:
-            self.log.write("update", **update)
+            self.log.write("update", **update,
+                           peak_rss_mb=self.ctx.all_gather_object(peak))
         return loss.detach()
 
     def train_epoch(self) -> None:
@@ -155,6 +178,7 @@ class Trainer:
         a checkpoint every `checkpoint.every` steps."""
         epoch, every, progress = self.stream.epoch, self.cfg.checkpoint.every, self.progress
         started, steps = time.perf_counter(), 0
+        self.peaks.start()
         for batch in self.stream:
             loss = self.train_step(batch).item()
             progress.epoch_loss += loss
@@ -173,8 +197,7 @@ class Trainer:
         progress.epoch_loss, progress.epoch_steps = 0.0, 0
         self.stream.set_epoch(epoch + 1)
         samples = steps * self.cfg.data.batch_size * self.ctx.world_size
-        peak_rss_mb = self.ctx.all_gather_object(
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        peak_rss_mb = self.ctx.all_gather_object(self.peaks.stop())
         self.log.write("epoch", epoch=epoch, step=self.step, loss=mean_loss, seconds=seconds,
                        samples_per_s=samples / seconds, peak_rss_mb=peak_rss_mb)
         self.log.print(f"epoch {epoch} step {self.step} loss {mean_loss:.4f} "
@@ -182,13 +205,16 @@ class Trainer:
 
     def evaluate(self, epoch: int) -> dict[str, float]:
         started = time.perf_counter()
-        metrics = evaluate(self.model, self.dataset_dir, self.cfg.eval.split,
-                           self.manifest.num_items, list(self.cfg.eval.ks),
-                           self.cfg.eval.user_batch, self.ctx)
+        self.peaks.start()
+        e = self.cfg.eval
+        metrics = evaluate(self.model, self.dataset_dir, e.split, self.manifest.num_items,
+                           list(e.ks), self.ctx, e.memory_mb, e.max_users, self.cfg.train.seed)
         self.log.write("eval", epoch=epoch, step=self.step, split=self.cfg.eval.split,
-                       seconds=time.perf_counter() - started, **metrics)
+                       seconds=time.perf_counter() - started, **metrics,
+                       peak_rss_mb=self.ctx.all_gather_object(self.peaks.stop()))
         self.log.print(f"eval epoch {epoch} ({self.cfg.eval.split}): " +
-                       " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                       " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "users") +
+                       f" ({metrics['users']:,} users)")
         return metrics
 
     def fit(self, report: Optional[Callable[[dict[str, float]], None]] = None

@@ -147,7 +147,11 @@ def neumf_logits_and_scores() -> dict:
     init_normal_(local_table_shards(model), 0.5, seed=0)
     net = model.module
     users = torch.tensor([0, 3, 6])
-    scores = net.score(net.item_side(ctx.device, 2), users, None)
+    items = net.item_side(ctx.device, 2)
+    side = net.user_side(items, users, None)
+    scores = net.score(items, side, 0, 5)
+    assert torch.equal(torch.cat([net.score(items, side, 0, 2), net.score(items, side, 2, 5)], 1),
+                       scores), "scoring by blocks of items changes the scores"
     pairs = [(u, i) for u in users.tolist() for i in range(5)]
     lengths = torch.ones(3 * len(pairs), dtype=torch.int32)
     batch = KeyedJaggedTensor.from_lengths_sync(

@@ -111,13 +111,13 @@ def test_torchrun_cli_with_hydra_overrides(clustered_source: Path, tmp_path: Pat
     assert done.returncode == 0, done.stderr[-3000:]
     assert "recall@20" in done.stdout and "ndcg@5" in done.stdout
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [e["event"] for e in events] == ["epoch", "epoch", "eval"]
+    assert [e["event"] for e in events] == ["memory", "epoch", "epoch", "eval"]
     assert (tmp_path / "prepared" / "manifest.json").exists()
 
     again = run_cli(f"data.source={clustered_source}", f"data.path={tmp_path / 'prepared'}",
                     f"run_dir={run_dir}", cwd=REPO)
     assert again.returncode != 0 and "already holds a run" in again.stderr
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3, "earlier run lost"
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4, "earlier run lost"
 
 
 @pytest.mark.multiprocess

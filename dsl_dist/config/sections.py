@@ -192,15 +192,21 @@ class EvalConfig:
     split: str = "test"
     every_epochs: int = 0
     """Also evaluate every this many epochs (0: only after training)."""
-    user_batch: int = 1024
-    """Users scored against all items at once on a rank."""
+    memory_mb: int = 256
+    """Scores held at once on a rank: a batch of users against a block of items (at most
+    65536), with a running top-K across blocks, so that no catalogue needs more."""
+    max_users: Optional[int] = None
+    """Score a sample of about this many users (by a hash of their id; every metrics line
+    says how many it scored); null: all users with items in the split."""
 
     def validate(self) -> None:
         require(len(self.ks) > 0 and all(k >= 1 for k in self.ks), "eval.ks",
                  "must be a non-empty list of positive integers", self.ks)
         require(self.split in ("valid", "test"), "eval.split", "must be valid or test", self.split)
         require(self.every_epochs >= 0, "eval.every_epochs", "must be >= 0", self.every_epochs)
-        require(self.user_batch >= 1, "eval.user_batch", "must be >= 1", self.user_batch)
+        require(self.memory_mb >= 1, "eval.memory_mb", "must be >= 1", self.memory_mb)
+        require(self.max_users is None or self.max_users >= 1, "eval.max_users",
+                "must be >= 1 or null", self.max_users)
 
 
 @dataclass

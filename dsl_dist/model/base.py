@@ -8,10 +8,11 @@ so nothing in a model knows about ranks. It offers three things:
   that DDP synchronises the dense layers' gradients);
 - `item_side(device, chunk)`: whatever scoring needs about all items, computed once per
   evaluation;
-- `score(items, users, history)`: the scores of some users against all items.
+- `user_side(items, users, history)`: whatever scoring needs about some users;
+- `score(items, users, start, stop)`: those users' scores against items [start, stop).
 
-`item_side` and `score` look embeddings up through the sharded tables, which are collectives:
-every rank calls them equally often (the evaluation sees to it).
+`item_side` and `user_side` look embeddings up through the sharded tables, which are
+collectives: every rank calls them equally often (the evaluation sees to it); `score` is local.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
+from torchrec.distributed.types import LazyAwaitable
 
 PAIRS = "pairs"
 """Batches of (user, positive item, negative items): KJT keys user, item, neg_0, ..."""
@@ -40,10 +42,14 @@ class Recommender(nn.Module):
     def item_side(self, device: torch.device, chunk: int) -> Any:
         raise NotImplementedError
 
-    def score(self, items: Any, users: torch.Tensor,
-              history: KeyedJaggedTensor) -> torch.Tensor:
-        """(len(users), num_items) scores; `history` holds each user's train items (key
+    def user_side(self, items: Any, users: torch.Tensor, history: KeyedJaggedTensor) -> Any:
+        """What scoring needs about `users`; `history` holds each user's train items (key
         `history`), for models that encode users from them."""
+        raise NotImplementedError
+
+    def score(self, items: Any, users: Any, start: int, stop: int) -> torch.Tensor:
+        """(users, stop - start) scores of the users (a `user_side`) against items
+        [start, stop)."""
         raise NotImplementedError
 
 
@@ -84,7 +90,9 @@ def collection_keys(collection: EmbeddingBagCollection) -> list[str]:
 
 def lookup(collection: nn.Module, keys: list[str], feature: str, ids: torch.Tensor,
            weighted: bool = False) -> torch.Tensor:
-    """Embeddings (len(ids), dim) of single-id bags of `ids` under `feature`."""
+    """Embeddings (len(ids), dim) of single-id bags of `ids` under `feature`, waited for
+    (a sharded collection answers with an awaitable)."""
     batch = feature_batch(keys, len(ids), {feature: (ones(len(ids), ids.device), ids, None)},
                           weighted)
-    return collection(batch)[feature]
+    embeddings = collection(batch)[feature]
+    return embeddings.wait() if isinstance(embeddings, LazyAwaitable) else embeddings

@@ -130,11 +130,17 @@ class LightGCN(Recommender):
                           for part in ids.split(chunk)])
 
     @torch.no_grad()
-    def score(self, items: torch.Tensor, users: torch.Tensor,
-              history: KeyedJaggedTensor) -> torch.Tensor:
+    def user_side(self, items: torch.Tensor, users: torch.Tensor,
+                  history: KeyedJaggedTensor) -> torch.Tensor:
         if not self.bags:
-            return items[users] @ items[self.num_users:].T
-        return self._propagated_bags({USER_FEATURE: users})[0][USER_FEATURE] @ items.T
+            return items[users]
+        return self._propagated_bags({USER_FEATURE: users})[0][USER_FEATURE]
+
+    @torch.no_grad()
+    def score(self, items: torch.Tensor, users: torch.Tensor, start: int,
+              stop: int) -> torch.Tensor:
+        first = 0 if self.bags else self.num_users  # full: every node, users first
+        return users @ items[first + start:first + stop].T
 
 
 def propagate(adjacency: torch.Tensor, embeddings: torch.Tensor, num_layers: int) -> torch.Tensor:

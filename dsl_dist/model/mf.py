@@ -63,9 +63,14 @@ class MatrixFactorization(Recommender):
                           for part in ids.split(chunk)])
 
     @torch.no_grad()
-    def score(self, items: torch.Tensor, users: torch.Tensor,
-              history: KeyedJaggedTensor) -> torch.Tensor:
-        return lookup(self.embeddings, self.keys, USER_FEATURE, users) @ items.T
+    def user_side(self, items: torch.Tensor, users: torch.Tensor,
+                  history: KeyedJaggedTensor) -> torch.Tensor:
+        return lookup(self.embeddings, self.keys, USER_FEATURE, users)
+
+    @torch.no_grad()
+    def score(self, items: torch.Tensor, users: torch.Tensor, start: int,
+              stop: int) -> torch.Tensor:
+        return users @ items[start:stop].T
 
 
 def bpr_loss(users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,

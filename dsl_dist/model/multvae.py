@@ -91,8 +91,10 @@ class MultVAE(Recommender):
                             {ITEM_FEATURE: (ones(self.num_items, device), ids, None)})
         return self.decoder_items(bag)[ITEM_FEATURE]
 
-    def _logits(self, latent: torch.Tensor, decoder: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.decode(latent)) @ decoder.T + self.item_bias
+    def _logits(self, latent: torch.Tensor, decoder: torch.Tensor, start: int = 0,
+                stop: int | None = None) -> torch.Tensor:
+        """Logits of items [start, stop) (`decoder`: their rows of the decoder table)."""
+        return torch.tanh(self.decode(latent)) @ decoder.T + self.item_bias[start:stop]
 
     def forward(self, batch: KeyedJaggedTensor) -> torch.Tensor:
         users, history = batch[USER_FEATURE].values(), batch[HISTORY_FEATURE]
@@ -117,10 +119,15 @@ class MultVAE(Recommender):
         return self._decoder_weights(device)
 
     @torch.no_grad()
-    def score(self, items: torch.Tensor, users: torch.Tensor,
-              history: KeyedJaggedTensor) -> torch.Tensor:
-        mean, _ = self._encode(history[HISTORY_FEATURE], None)
-        return self._logits(mean, items)
+    def user_side(self, items: torch.Tensor, users: torch.Tensor,
+                  history: KeyedJaggedTensor) -> torch.Tensor:
+        """The users' latent means, encoded from their train items."""
+        return self._encode(history[HISTORY_FEATURE], None)[0]
+
+    @torch.no_grad()
+    def score(self, items: torch.Tensor, users: torch.Tensor, start: int,
+              stop: int) -> torch.Tensor:
+        return self._logits(users, items[start:stop], start, stop)
 
 
 def build(cfg: JobConfig, manifest: Manifest, dataset_dir: Path) -> MultVAE:

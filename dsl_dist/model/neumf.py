@@ -99,15 +99,21 @@ class NeuMF(Recommender):
         return gmf, self._first_layer(None, mlp)
 
     @torch.no_grad()
-    def score(self, items: tuple[torch.Tensor, torch.Tensor], users: torch.Tensor,
-              history: KeyedJaggedTensor) -> torch.Tensor:
-        gmf_items, first_items = items
-        gmf_users = lookup(self.gmf, self.keys, USER_FEATURE, users)
-        first_users = self._first_layer(lookup(self.mlp, self.keys, USER_FEATURE, users), None)
-        step = max(1, _PAIRS_PER_CHUNK // self.num_items)
+    def user_side(self, items: tuple[torch.Tensor, torch.Tensor], users: torch.Tensor,
+                  history: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(GMF user embeddings, the first MLP layer's user half)."""
+        return (lookup(self.gmf, self.keys, USER_FEATURE, users),
+                self._first_layer(lookup(self.mlp, self.keys, USER_FEATURE, users), None))
+
+    @torch.no_grad()
+    def score(self, items: tuple[torch.Tensor, torch.Tensor],
+              users: tuple[torch.Tensor, torch.Tensor], start: int, stop: int) -> torch.Tensor:
+        gmf_items, first_items = (t[start:stop] for t in items)
+        gmf_users, first_users = users
+        step = max(1, _PAIRS_PER_CHUNK // max(stop - start, 1))
         return torch.cat([self._logits(gmf_users[s:s + step, None], gmf_items[None],
                                        first_users[s:s + step, None], first_items[None])
-                          for s in range(0, len(users), step)])
+                          for s in range(0, len(gmf_users), step)])
 
 
 def build(cfg: JobConfig, manifest: Manifest, dataset_dir: Path) -> NeuMF:

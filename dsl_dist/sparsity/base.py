@@ -82,5 +82,9 @@ class SparsityMethod:
         ran at this step (written to metrics.jsonl), if any."""
         return None
 
+    def memory_bytes(self) -> int:
+        """Bytes of this rank's sparsity state (masks, statistics, layouts)."""
+        return 0
+
     def register_state(self, store: CheckpointStore) -> None:
         """Registers with `store` what checkpoints must keep of this method (nothing here)."""

@@ -240,6 +240,11 @@ class BlockDSL(SparsityMethod):
         total = self.ctx.all_reduce_sum(local)
         return {name: int(total[i]) for i, name in enumerate(names)}, f"{int(total[-1]):x}"
 
+    def memory_bytes(self) -> int:
+        """Per-row layouts and statistics (the pools are the tables themselves)."""
+        return sum(t.numel() * t.element_size() for s in self.shards
+                   for t in (s.widths, s.rowptr, s.grow_next, s.grow_last, s.high_water))
+
     def register_state(self, store: CheckpointStore) -> None:
         store.register("sparsity", LayoutState(self.shards, self.geometries, self.ctx),
                        sharded=True)

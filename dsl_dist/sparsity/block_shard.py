@@ -36,7 +36,7 @@ class PoolShard:
                            int(geometry.row_of(shard.row_offset + shard.num_rows)))
         rows = max(self.end_row - self.first_row, 0)
         self.widths = torch.zeros(rows, dtype=torch.uint8)
-        self.rowptr = torch.zeros(rows + 1, dtype=torch.int64)
+        self.rowptr = torch.zeros(rows + 1, dtype=torch.int32)
         self.grow_next = torch.zeros(rows, dtype=torch.bfloat16)
         self.grow_last = torch.zeros(rows, dtype=torch.bfloat16)
         self.high_water = torch.zeros(rows, dtype=torch.uint8)
@@ -68,7 +68,7 @@ class PoolShard:
 
     def slots(self, rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """Slots of active blocks (local rows, block index < their width)."""
-        return self.rowptr[rows] + blocks
+        return self.rowptr[rows].to(torch.int64) + blocks
 
     def virtual_rows(self) -> torch.Tensor:
         """This shard's rows as the model sees them, (rows, D): their blocks, zeros beyond
@@ -90,7 +90,7 @@ class PoolShard:
         """Gives every row a new width and moves the blocks it keeps to the new layout, in
         place; its new blocks, and every slot past the last block, are zeroed with their
         optimizer state. Refuses a layout beyond the shard's slots."""
-        new_ptr = torch.zeros_like(self.rowptr)
+        new_ptr = torch.zeros(self.num_rows + 1, dtype=torch.int64)
         torch.cumsum(widths.to(torch.int64), 0, out=new_ptr[1:])
         if int(new_ptr[-1]) > self.capacity:
             raise RuntimeError(f"{self.table}: {int(new_ptr[-1])} active blocks exceed the "
@@ -98,12 +98,13 @@ class PoolShard:
                                "raise sparsity.block.headroom")
         new_widths = widths.to(torch.int64)
         kept = torch.minimum(self.widths.to(torch.int64), new_widths)
-        delta = new_ptr[:-1] - self.rowptr[:-1]
+        old_ptr = self.rowptr.to(torch.int64)
+        delta = new_ptr[:-1] - old_ptr[:-1]
         tensors = self.tensors()
         for upwards in (False, True):  # down-movers from the bottom, then up-movers from the top
             rows = torch.nonzero(((delta > 0) if upwards else (delta < 0)) & (kept > 0)).flatten()
             for chunk in (rows.flip(0) if upwards else rows).split(RELOCATION_ROWS):
-                source = _expand(self.rowptr[chunk], kept[chunk])
+                source = _expand(old_ptr[chunk], kept[chunk])
                 target = source + torch.repeat_interleave(delta[chunk], kept[chunk])
                 for tensor in tensors:
                     tensor.index_copy_(0, target, tensor.index_select(0, source))
@@ -115,7 +116,7 @@ class PoolShard:
         for tensor in tensors:
             tensor[int(new_ptr[-1]):] = 0
         self.widths.copy_(widths)
-        self.rowptr = new_ptr
+        self.rowptr = new_ptr.to(torch.int32)
         self.high_water = torch.maximum(self.high_water, self.widths)
 
 
