@@ -95,23 +95,28 @@ class RayCluster:
         self.port, self.dashboard_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.processes: list[subprocess.Popen] = []
         common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
                   "--temp-dir", self.temp_dir, "--disable-usage-stats"]
-        self.processes = [self._start("--head", "--port", str(self.port),
-                                      "--dashboard-host", "127.0.0.1",
-                                      "--dashboard-port", str(self.dashboard_port), *common)]
-        self._wait_for(lambda: urllib.request.urlopen(f"{self.dashboard}/api/version",
-                                                      timeout=2))
-        self.processes.append(self._start("--address", self.address, *common))
-        self._wait_for(lambda: self.nodes() == 2 or None)
+        try:
+            self._start("head", "--head", "--port", str(self.port),
+                        "--dashboard-host", "127.0.0.1",
+                        "--dashboard-port", str(self.dashboard_port), *common)
+            self._wait_for(lambda: urllib.request.urlopen(f"{self.dashboard}/api/version",
+                                                          timeout=5), "the head's dashboard")
+            self._start("worker", "--address", self.address, *common)
+            self._wait_for(lambda: self.nodes() == 2 or None, "the second node")
+        except BaseException:
+            self.stop()
+            raise
 
-    def _start(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([str(BIN / "ray"), "start", *args], env=environment(),
-                                start_new_session=True, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+    def _start(self, name: str, *args: str) -> None:
+        with open(Path(self.temp_dir) / f"{name}.out", "w") as out:
+            self.processes.append(subprocess.Popen(
+                [str(BIN / "ray"), "start", *args], env=environment(), start_new_session=True,
+                stdout=out, stderr=subprocess.STDOUT))
 
-    @staticmethod
-    def _wait_for(ready, seconds: float = 90) -> None:
+    def _wait_for(self, ready, what: str, seconds: float = 240) -> None:
         deadline = time.monotonic() + seconds
         while True:
             try:
@@ -119,9 +124,19 @@ class RayCluster:
                     return
             except OSError:
                 pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("Ray cluster did not come up")
+            exited = [p.args[2:4] for p in self.processes if p.poll() is not None]
+            if exited or time.monotonic() > deadline:
+                raise TimeoutError(f"Ray cluster did not come up: waited for {what}; "
+                                   f"exited: {exited}\n{self.logs()}")
             time.sleep(1)
+
+    def logs(self, tail: int = 1500) -> str:
+        """The ends of `ray start`'s output and of the session's error logs, for a failure."""
+        root = Path(self.temp_dir)
+        files = [*root.glob("*.out"), *root.glob("session_latest/logs/*.err"),
+                 *root.glob("session_latest/logs/dashboard.log")]
+        return "\n".join(f"--- {f.name}:\n{f.read_text(errors='replace')[-tail:]}"
+                         for f in files if f.stat().st_size)
 
     def nodes(self) -> int:
         status = subprocess.run([str(BIN / "ray"), "status", "--address", self.address],
@@ -130,7 +145,10 @@ class RayCluster:
 
     def stop(self) -> None:
         for process in self.processes:
-            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         time.sleep(3)
         for process in self.processes:
             try:
