@@ -128,15 +128,18 @@ class CheckpointStore:
             raise ValueError(f"checkpoint component {name!r} is taken")
         self._components[name] = (component, sharded)
 
-    def save(self, step: int, finished: bool = False) -> Path:
-        """Writes every component (each rank its shards, rank 0 the JSON); returns the
-        checkpoint."""
+    def save(self, step: int, finished: bool = False, *, into: Optional[Path] = None,
+             keep: Optional[int] = None) -> Path:
+        """Writes every component (each rank its shards, rank 0 the JSON) into the store's
+        directory (or `into`, keeping `keep` there); returns the checkpoint."""
+        directory = self.directory if into is None else into
+        keep = self.keep if keep is None else keep
         tensors = {name: c.state_dict() for name, (c, sharded) in self._components.items()
                    if sharded}
         small = {name: c.state_dict() for name, (c, sharded) in self._components.items()
                  if not sharded}
-        final = self.directory / f"{_PREFIX}{step:09d}"
-        partial = self.directory / f".{final.name}.partial"
+        final = directory / f"{_PREFIX}{step:09d}"
+        partial = directory / f".{final.name}.partial"
         if self.ctx.is_main:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
@@ -150,7 +153,7 @@ class CheckpointStore:
             (partial / META).write_text(json.dumps(meta))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
-            for old in complete_checkpoints(self.directory)[self.keep:]:
+            for old in complete_checkpoints(directory)[keep:]:
                 shutil.rmtree(old)
         self.ctx.barrier()
         return final

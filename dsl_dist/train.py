@@ -11,10 +11,12 @@ import torch
 from omegaconf import OmegaConf
 from torchrec import KeyedJaggedTensor
 
+from dsl_dist.best import BestEvaluation
 from dsl_dist.checkpoint import CheckpointStore, ConfigFingerprint, complete_checkpoints
 from dsl_dist.cli import hydra_entry
 from dsl_dist.config import JobConfig
 from dsl_dist.control import connect_controller
+from dsl_dist.data.errors import DataError
 from dsl_dist.data.manifest import Manifest
 from dsl_dist.data.prepare import ensure_prepared
 from dsl_dist.data.stream import EpochStream, InteractionStream, UserHistoryStream
@@ -79,7 +81,13 @@ class Trainer:
         self.dataset_dir = Path(cfg.data.path)
         self.manifest: Manifest = ctx.main_then_broadcast(lambda: ensure_prepared(
             Path(cfg.data.source), self.dataset_dir, name=cfg.data.name,
-            num_shards=cfg.data.num_shards, seed=cfg.train.seed))
+            num_shards=cfg.data.num_shards, seed=cfg.train.seed,
+            valid_fraction=cfg.data.valid_fraction))
+        missing = {cfg.eval.split, cfg.eval.select_split} - {None} - set(self.manifest.splits)
+        if missing:
+            raise DataError(f"{self.dataset_dir}: no {sorted(missing)} split to evaluate on (it "
+                            f"has {sorted(self.manifest.splits)}); for a source without a "
+                            "validation file, prepare one with data.valid_fraction")
         ctx.main_then_broadcast(lambda: prepare_model_data(cfg, self.dataset_dir))
         method = load(SPARSITY_METHODS, cfg.sparsity.name)
         self.peaks = PeakTracker()
@@ -104,6 +112,7 @@ class Trainer:
                 connect_controller(cfg.control, ctx, UpdateSchedule.of(cfg.sparsity,
                                                                        self.total_steps),
                                    budgets, unit))))
+        self.best = (BestEvaluation(cfg.eval.select_metric) if cfg.eval.select_split else None)
         self._register_state()
         self._log_memory(baseline_rss_mb)
 
@@ -135,6 +144,8 @@ class Trainer:
         if self.dense_optimizer is not None:
             store.register("dense_optimizer", OptimizerState(self.dense_optimizer), sharded=True)
         self.sparsity.register_state(store)
+        if self.best is not None:
+            store.register("best", self.best, sharded=False)
         store.register("run_log", self.log, sharded=False)
 
     @property
@@ -204,18 +215,39 @@ class Trainer:
                        f"{seconds:.1f}s {samples / seconds:,.0f} samples/s")
 
     def evaluate(self, epoch: int) -> dict[str, float]:
+        """Scores the reported split and, with selection, the selection split, keeping the
+        best evaluation's checkpoint (checkpoint.keep_best)."""
+        metrics = self._evaluate_split(epoch, self.cfg.eval.split)
+        if self.best is not None:
+            selection = self._evaluate_split(epoch, self.cfg.eval.select_split)
+            if self.best.offer(epoch, self.step, selection, metrics) and \
+                    self.cfg.checkpoint.keep_best:
+                self.save_checkpoint(into=self.checkpoints.directory / "best", keep=1)
+        return metrics
+
+    def _evaluate_split(self, epoch: int, split: str) -> dict[str, float]:
         started = time.perf_counter()
         self.peaks.start()
         e = self.cfg.eval
-        metrics = evaluate(self.model, self.dataset_dir, e.split, self.manifest.num_items,
+        metrics = evaluate(self.model, self.dataset_dir, split, self.manifest.num_items,
                            list(e.ks), self.ctx, e.memory_mb, e.max_users, self.cfg.train.seed)
-        self.log.write("eval", epoch=epoch, step=self.step, split=self.cfg.eval.split,
+        self.log.write("eval", epoch=epoch, step=self.step, split=split,
                        seconds=time.perf_counter() - started, **metrics,
                        peak_rss_mb=self.ctx.all_gather_object(self.peaks.stop()))
-        self.log.print(f"eval epoch {epoch} ({self.cfg.eval.split}): " +
+        self.log.print(f"eval epoch {epoch} ({split}): " +
                        " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "users") +
                        f" ({metrics['users']:,} users)")
         return metrics
+
+    def _log_best(self) -> None:
+        """The `best` line: the chosen epoch's figures on both splits."""
+        best, split = self.best.best, self.cfg.eval.select_split
+        figures = {**{k: v for k, v in best["reported"].items() if k != "users"},
+                   **{f"{split}_{k}": v for k, v in best["selection"].items() if k != "users"}}
+        self.log.write("best", epoch=best["epoch"], step=best["step"], metric=self.best.metric,
+                       split=self.cfg.eval.split, **figures)
+        self.log.print(f"best epoch {best['epoch']} by {split} {self.best.metric}: " +
+                       " ".join(f"{k} {v:.4f}" for k, v in figures.items()))
 
     def fit(self, report: Optional[Callable[[dict[str, float]], None]] = None
             ) -> dict[str, float]:
@@ -231,11 +263,13 @@ class Trainer:
                 if report:
                     report({"epoch": epoch, "step": self.step, **metrics})
         metrics = metrics or self.evaluate(self.stream.epoch)
+        if self.best is not None:
+            self._log_best()
         self.save_checkpoint(finished=True)
         return metrics
 
-    def save_checkpoint(self, finished: bool = False) -> Path:
-        path = self.checkpoints.save(self.step, finished)
+    def save_checkpoint(self, finished: bool = False, **where: Any) -> Path:
+        path = self.checkpoints.save(self.step, finished, **where)
         self.log.print(f"checkpoint {path}")
         return path
 

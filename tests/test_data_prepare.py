@@ -269,3 +269,29 @@ def test_real_lastfm(tmp_path: Path) -> None:
         assert ids == set(range(len(ids)))
         mapping = pq.read_table(tmp_path / "lastfm" / f"{column}_map.parquet")
         assert mapping["raw"].to_pylist() == mapping["index"].to_pylist() == sorted(ids)
+
+
+def test_a_validation_split_is_carved_out_of_train(clustered_source: Path, tmp_path: Path) -> None:
+    whole = prepare_dataset(find_source_splits(clustered_source), tmp_path / "whole", name="c")
+    out = tmp_path / "carved"
+    carved = ensure_prepared(clustered_source, out, name="c", num_shards=2, seed=0,
+                             valid_fraction=0.25)
+    assert set(carved.splits) == {"train", "valid", "test"}
+    train, valid = pairs(read_split(out, "train")), pairs(read_split(out, "valid"))
+    assert not set(train) & set(valid)
+    assert sorted(train + valid) == sorted(pairs(read_split(tmp_path / "whole", "train")))
+    assert pairs(read_split(out, "test")) == pairs(read_split(tmp_path / "whole", "test"))
+    per_user = np.bincount(read_split(tmp_path / "whole", "train")["user"].to_numpy())
+    held = np.bincount(read_split(out, "valid")["user"].to_numpy(), minlength=len(per_user))
+    assert (held == np.floor(per_user * 0.25)).all() and held.sum() > 0
+    assert carved.num_users == whole.num_users and carved.num_items == whole.num_items
+    again = prepare_dataset(find_source_splits(clustered_source), tmp_path / "again", name="c",
+                            valid_fraction=0.25)
+    assert pairs(read_split(tmp_path / "again", "valid")) == valid  # deterministic by seed
+    with pytest.raises(DataError, match="prepared without a validation split"):
+        ensure_prepared(clustered_source, tmp_path / "whole", name="c", num_shards=2, seed=0,
+                        valid_fraction=0.25)
+    (clustered_source / "valid.txt").write_text((clustered_source / "test.txt").read_text())
+    with pytest.raises(DataError, match="has a validation split already"):
+        prepare_dataset(find_source_splits(clustered_source), tmp_path / "twice", name="c",
+                        valid_fraction=0.25)

@@ -126,3 +126,37 @@ def test_cli_refuses_bad_config_by_key(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "model.sharding_type='diagonal'" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.multiprocess
+def test_the_best_epoch_is_chosen_on_validation_and_its_checkpoint_kept(
+        clustered_source: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    done = run_cli(f"data.source={clustered_source}", f"data.path={tmp_path / 'prepared'}",
+                   "data.valid_fraction=0.2", "data.batch_size=32", "train.epochs=4",
+                   "train.lr=0.5", "eval.every_epochs=1", "eval.select_split=valid",
+                   f"run_dir={run_dir}", cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = {(e["epoch"], e["split"]): e for e in events if e["event"] == "eval"}
+    assert {split for _, split in evals} == {"valid", "test"} and len(evals) == 8
+    [best] = [e for e in events if e["event"] == "best"]
+    valid = {epoch: e["recall@20"] for (epoch, split), e in evals.items() if split == "valid"}
+    chosen = min(epoch for epoch, v in valid.items() if v == max(valid.values()))
+    assert best["epoch"] == chosen and best["metric"] == "recall@20"
+    assert best["valid_recall@20"] == valid[chosen]
+    assert best["recall@20"] == evals[(chosen, "test")]["recall@20"]
+    assert best["ndcg@20"] == evals[(chosen, "test")]["ndcg@20"]
+    [kept] = (run_dir / "checkpoints" / "best").iterdir()
+    meta = json.loads((kept / "trainer.json").read_text())
+    assert meta["step"] == best["step"] and meta["best"]["best"]["epoch"] == chosen
+
+
+@pytest.mark.multiprocess
+def test_selection_needs_a_validation_split(clustered_source: Path, tmp_path: Path) -> None:
+    done = run_cli(f"data.source={clustered_source}", f"data.path={tmp_path / 'prepared'}",
+                   "train.epochs=1", "eval.select_split=valid", f"run_dir={tmp_path / 'run'}",
+                   cwd=REPO)
+    assert done.returncode != 0
+    assert "no ['valid'] split to evaluate on" in done.stderr
+    assert "data.valid_fraction" in done.stderr

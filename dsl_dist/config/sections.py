@@ -30,6 +30,9 @@ class DataConfig:
     """Prepared Arrow shards (made from `source` on first use if missing)."""
     num_shards: int = 4
     """Parquet files per split when preparing."""
+    valid_fraction: float = 0.0
+    """When preparing a source without a validation file: hold out this fraction of each
+    user's train interactions as the validation split (0: none)."""
     batch_size: int = 2048
     """Positive interactions per rank per step."""
     num_negatives: int = 1
@@ -39,6 +42,8 @@ class DataConfig:
 
     def validate(self) -> None:
         require(self.num_shards >= 1, "data.num_shards", "must be >= 1", self.num_shards)
+        require(0 <= self.valid_fraction < 1, "data.valid_fraction", "must be in [0, 1)",
+                self.valid_fraction)
         require(self.batch_size >= 1, "data.batch_size", "must be >= 1", self.batch_size)
         require(self.num_negatives >= 1, "data.num_negatives", "must be >= 1", self.num_negatives)
         require(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1", self.shuffle_buffer)
@@ -198,6 +203,11 @@ class EvalConfig:
     max_users: Optional[int] = None
     """Score a sample of about this many users (by a hash of their id; every metrics line
     says how many it scored); null: all users with items in the split."""
+    select_split: Optional[str] = None
+    """valid: every evaluation also scores this split, and the run's result is the
+    evaluation with the best `select_metric` on it (a `best` line; its checkpoint kept with
+    checkpoint.keep_best); null: the last evaluation is the result."""
+    select_metric: str = "recall@20"
 
     def validate(self) -> None:
         require(len(self.ks) > 0 and all(k >= 1 for k in self.ks), "eval.ks",
@@ -207,6 +217,14 @@ class EvalConfig:
         require(self.memory_mb >= 1, "eval.memory_mb", "must be >= 1", self.memory_mb)
         require(self.max_users is None or self.max_users >= 1, "eval.max_users",
                 "must be >= 1 or null", self.max_users)
+        require(self.select_split in (None, "valid"), "eval.select_split",
+                "must be valid or null", self.select_split)
+        require(self.select_split != self.split, "eval.select_split",
+                "must differ from eval.split (select on one split, report another)",
+                self.select_split)
+        metrics = [f"{name}@{k}" for name in ("recall", "ndcg") for k in self.ks]
+        require(self.select_metric in metrics, "eval.select_metric", f"must be one of {metrics}",
+                self.select_metric)
 
 
 @dataclass
@@ -217,6 +235,9 @@ class CheckpointConfig:
     """Save every this many training steps (0: only at the end of training)."""
     keep: int = 2
     """Complete checkpoints kept; older ones are deleted."""
+    keep_best: bool = True
+    """With eval.select_split: also keep the checkpoint of the best evaluation, in
+    <checkpoints>/best (never resumed from; export it)."""
     dir: Optional[str] = None
     """Where checkpoints go; null: <run_dir>/checkpoints."""
     resume: str = "auto"

@@ -67,6 +67,23 @@ def split_interactions(table: pa.Table, *, test_fraction: float, valid_fraction:
     return {name: t for name, t in out.items() if t.num_rows or name == "train"}
 
 
+def carve_validation(tables: dict[str, pa.Table], valid_fraction: float,
+                     seed: int = 0) -> dict[str, pa.Table]:
+    """Moves `valid_fraction` of each user's train interactions (the latest ones, or random
+    ones by seed) into a validation split, for data sets that come without one (gowalla): the
+    split that hyperparameters and epochs are chosen on, so that test stays unseen."""
+    if valid_fraction == 0:
+        return tables
+    if "valid" in tables:
+        raise DataError(f"valid_fraction={valid_fraction}: the source has a validation split "
+                        "already; carve one only from data that has none")
+    if not 0 < valid_fraction < 1:
+        raise DataError(f"valid_fraction={valid_fraction}: need 0 <= valid_fraction < 1")
+    held_out = split_interactions(tables["train"], test_fraction=valid_fraction, seed=seed)
+    return {**tables, "train": held_out["train"], "valid": held_out.get("test",
+                                                                        held_out["train"][:0])}
+
+
 def _id_map(tables: Sequence[pa.Table], column: str) -> np.ndarray:
     return np.unique(np.concatenate([t[column].to_numpy() for t in tables]))
 
@@ -86,11 +103,13 @@ def _write_split(table: pa.Table, directory: Path, name: str, num_shards: int,
 
 def prepare_dataset(splits: dict[str, Path], out_dir: Path, *, name: str, num_shards: int = 4,
                     rows_per_group: int = 65536, seed: int = 0, overwrite: bool = False,
-                    user_col: str = "user", item_col: str = "item") -> Manifest:
-    """Reads `splits` (name → file), remaps ids and writes the data set to `out_dir`."""
+                    user_col: str = "user", item_col: str = "item",
+                    valid_fraction: float = 0.0) -> Manifest:
+    """Reads `splits` (name → file), remaps ids and writes the data set to `out_dir`, with a
+    validation split carved out of train if `valid_fraction` > 0."""
     _check_target(Path(out_dir), overwrite)  # before reading inputs that may take a while
-    return write_dataset({s: read_interactions(p, user_col, item_col) for s, p in splits.items()},
-                         out_dir, name=name, num_shards=num_shards,
+    tables = {s: read_interactions(p, user_col, item_col) for s, p in splits.items()}
+    return write_dataset(carve_validation(tables, valid_fraction, seed), out_dir, name=name, num_shards=num_shards,
                          rows_per_group=rows_per_group, seed=seed, overwrite=overwrite)
 
 
@@ -163,12 +182,17 @@ def move_into_place(staging: Path, out_dir: Path) -> None:
 
 
 def ensure_prepared(source: Path, out_dir: Path, *, name: str, num_shards: int,
-                    seed: int) -> Manifest:
+                    seed: int, valid_fraction: float = 0.0) -> Manifest:
     """The manifest of `out_dir`, preparing it from the split files in `source` if needed."""
     if (Path(out_dir) / "manifest.json").exists():
-        return Manifest.load(out_dir)
+        manifest = Manifest.load(out_dir)
+        if valid_fraction and "valid" not in manifest.splits:
+            raise DataError(f"{out_dir}: prepared without a validation split, but "
+                            f"valid_fraction={valid_fraction} asks for one; prepare into "
+                            "another path")
+        return manifest
     return prepare_dataset(find_source_splits(source), out_dir, name=name,
-                           num_shards=num_shards, seed=seed)
+                           num_shards=num_shards, seed=seed, valid_fraction=valid_fraction)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -183,7 +207,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--valid", type=Path)
     parser.add_argument("--test", type=Path)
     parser.add_argument("--test-fraction", type=float)
-    parser.add_argument("--valid-fraction", type=float, default=0.0)
+    parser.add_argument("--valid-fraction", type=float, default=0.0,
+                        help="hold out this fraction of each user's interactions for "
+                             "validation: from --interactions, or from train when the source "
+                             "has no validation file")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--name", help="data set name (default: the --out directory name)")
     parser.add_argument("--num-shards", type=int, default=4)
@@ -211,7 +238,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                      {s: p for s, p in (("train", args.train), ("valid", args.valid),
                                         ("test", args.test)) if p is not None})
             manifest = prepare_dataset(files, args.out, user_col=args.user_col,
-                                       item_col=args.item_col, **options)
+                                       item_col=args.item_col,
+                                       valid_fraction=args.valid_fraction, **options)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
