@@ -1,13 +1,19 @@
 """The paper's grid: data set × model × density, each a torchrun job, and one table of results.
 
     python benchmarks/reproduce.py [--data gowalla lastfm] [--models mf lightgcn neumf multvae]
-                                   [--densities dense 0.5 0.2 0.1] [--rerun] [--table-only]
+                                   [--densities dense 0.5 0.2 0.1] [--equal-budget]
+                                   [--rerun] [--table-only]
 
 Every (data, model) runs the settings of `configs/experiment/<model>_<data>.yaml` (dense), or
 those plus `sparsity=dsl sparsity.density=D` and the paper's DSL settings for the model, which
 the same file holds. Each run writes benchmarks/results/reproduce/<data>-<model>-<density>.json
 (train_benchmark.py's figures) and is skipped when that file exists unless --rerun; then the
-whole table is written to benchmarks/results/reproduction.{md,json}.
+whole table is written to benchmarks/results/reproduction.{md,json}. With --equal-budget it
+also runs, for MF and LightGCN, the dense models of the same size as each density's budget:
+embedding dimension density × 64 rounded down and up to a multiple of 4 (FBGEMM's kernels),
+e.g. 12 and 16 for 0.2 (`<data>-<model>-dim<D>.json`); the table shows them beside the sparse
+row. These runs use the same settings and epochs as the grid, selected on nothing (as the
+grid); benchmarks/equal_budget.py is the tuned comparison on a validation split.
 
 FLOPs (multiply-adds × 2; estimates, formulas in `flops` below): a multiply-add is counted
 when its weight operand is active (RigL's convention), so a masked tensor of density ρ costs ρ
@@ -35,6 +41,8 @@ RUNS = RESULTS / "reproduce"
 DATA = ("gowalla", "lastfm")
 MODELS = ("mf", "lightgcn", "neumf", "multvae")
 DENSITIES = ("dense", "0.5", "0.2", "0.1")
+FULL_DIM = 64
+EQUAL_BUDGET_MODELS = ("mf", "lightgcn")  # a dense model of another embedding dimension
 PUBLISHED = {
     # Same gowalla split (LightGCN's): NGCF paper (MF, NeuMF; its NDCG is normalised
     # differently, so not quoted) and LightGCN paper (Mult-VAE, LightGCN; same NDCG as ours).
@@ -58,6 +66,25 @@ def job_config(overrides: list[str]) -> Any:
 def overrides_of(data: str, model: str, density: str) -> list[str]:
     base = [f"+experiment={model}_{data}"]
     return base if density == "dense" else [*base, "sparsity=dsl", f"sparsity.density={density}"]
+
+
+def equal_budget_dims(density: str) -> list[int]:
+    """The embedding dimensions, multiples of 4, just below and above density × 64."""
+    exact = float(density) * FULL_DIM
+    return sorted({max(4, int(exact // 4) * 4), max(4, -int(-exact // 4) * 4)})
+
+
+def equal_budget_recall(data: str, model: str, density: str) -> str:
+    """'R@20 (dim D)' of the dense models of the same size as the density's budget."""
+    if density == "dense" or model not in EQUAL_BUDGET_MODELS:
+        return "–"
+    found = []
+    for dim in equal_budget_dims(density):
+        path = RUNS / f"{data}-{model}-dim{dim}.json"
+        if path.exists():
+            found.append(f"{json.loads(path.read_text())['final_metrics']['recall@20']:.4f} "
+                         f"(dim {dim})")
+    return " / ".join(found) or "–"
 
 
 def parameter_counts(cfg: Any) -> dict[str, tuple[int, int]]:
@@ -145,6 +172,7 @@ def summarise(data: str, model: str, density: str) -> dict[str, Any] | None:
             "train_flops_per_example": train_flops, "inference_flops_per_user": inference_flops,
             "epochs": run["epochs"], "train_minutes": run["seconds_per_epoch"] * run["epochs"] / 60,
             "peak_rss_mb": max(run["peak_rss_mb_per_rank"]),
+            "equal_budget_dense": equal_budget_recall(data, model, density),
             "published": PUBLISHED.get((data, model))}
 
 
@@ -154,12 +182,16 @@ def write_table(rows: list[dict[str, Any]]) -> None:
              "",
              "Written by `benchmarks/reproduce.py` from `benchmarks/results/reproduce/*.json` "
              "(2 CPU ranks, gloo). FLOPs per the formulas in the script's docstring; "
-             "'vs dense' is Recall@20 relative to the same model's dense run.",
+             "'vs dense' is Recall@20 relative to the same model's dense run; 'equal-budget "
+             "dense' is the Recall@20 of dense models with about as many parameters as the "
+             "row's budget (embedding dimension density × 64 rounded to multiples of 4), "
+             "same settings and epochs.",
              "",
-             "| data | model | density | Recall@20 | NDCG@20 | vs dense | active / all params | "
+             "| data | model | density | Recall@20 | NDCG@20 | vs dense | equal-budget dense | "
+             "active / all params | "
              "train GFLOPs/example | inference GFLOPs/user | epochs | train min | peak RSS MB | "
              "published Recall@20 / NDCG@20 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = dense.get((r["data"], r["model"]))
         versus = f"{r['recall@20'] / base['recall@20']:.1%}" if base else "–"
@@ -167,7 +199,8 @@ def write_table(rows: list[dict[str, Any]]) -> None:
         quoted = " / ".join(f"{published[k]:.4f}" for k in ("recall@20", "ndcg@20") if k in published)
         lines.append(
             f"| {r['data']} | {r['model']} | {r['density']} | {r['recall@20']:.4f} | "
-            f"{r['ndcg@20']:.4f} | {versus} | {r['active'] / 1e6:.2f}M / {r['parameters'] / 1e6:.2f}M | "
+            f"{r['ndcg@20']:.4f} | {versus} | {r['equal_budget_dense']} | "
+            f"{r['active'] / 1e6:.2f}M / {r['parameters'] / 1e6:.2f}M | "
             f"{r['train_flops_per_example'] / 1e9:.2e} | {r['inference_flops_per_user'] / 1e9:.3f} | "
             f"{r['epochs']} | {r['train_minutes']:.1f} | {r['peak_rss_mb']:.0f} | "
             f"{quoted + ' (' + published['source'] + ')' if quoted else '–'} |")
@@ -181,6 +214,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--data", nargs="+", default=list(DATA), choices=DATA)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--densities", nargs="+", default=list(DENSITIES), choices=DENSITIES)
+    parser.add_argument("--equal-budget", action="store_true",
+                        help="also run the dense models of each density's size (MF, LightGCN)")
     parser.add_argument("--rerun", action="store_true", help="run again where results exist")
     parser.add_argument("--table-only", action="store_true", help="only rewrite the table")
     args = parser.parse_args(argv)
@@ -191,6 +226,14 @@ def main(argv: list[str]) -> None:
                     name = f"{data}-{model}-{density}"
                     if args.rerun or not (RUNS / f"{name}.json").exists():
                         run_benchmark(name, overrides_of(data, model, density), RUNS)
+                    if not args.equal_budget or density == "dense" or \
+                            model not in EQUAL_BUDGET_MODELS:
+                        continue
+                    for dim in equal_budget_dims(density):
+                        name = f"{data}-{model}-dim{dim}"
+                        if args.rerun or not (RUNS / f"{name}.json").exists():
+                            run_benchmark(name, [*overrides_of(data, model, "dense"),
+                                                 f"model.embedding_dim={dim}"], RUNS)
     rows = [row for data in DATA for model in MODELS for density in DENSITIES
             if (row := summarise(data, model, density))]
     write_table(rows)

@@ -3,7 +3,8 @@
     python benchmarks/train_benchmark.py NAME [hydra overrides...]
 
 Prints and writes benchmarks/results/NAME.json: time per epoch, training samples/s, peak RSS
-per rank, the final full-ranking metrics, and the exact command, so a figure can be reproduced.
+per rank, the final full-ranking metrics, the best evaluation chosen on validation (with
+eval.select_split), and the exact command, so a figure can be reproduced.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def run_benchmark(name: str, overrides: list[str], results: Path = RESULTS,
 
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [e for e in events if e["event"] == "epoch"]
-    evals = [e for e in events if e["event"] == "eval"]
+    best = next((e for e in events if e["event"] == "best"), None)
+    all_evals = [e for e in events if e["event"] == "eval"]
+    evals = [e for e in all_evals if best is None or e["split"] == best["split"]]  # reported
     updates = [e for e in events if e["event"] == "update"]
     train_seconds = sum(e["seconds"] for e in epochs)
     update_seconds = sum(e["seconds"] for e in updates)
@@ -59,9 +62,10 @@ def run_benchmark(name: str, overrides: list[str], results: Path = RESULTS,
         "final_loss": epochs[-1]["loss"],
         "final_metrics": {k: v for k, v in evals[-1].items()
                           if k.startswith(("recall@", "ndcg@"))},
-        "learning_curve": [{"epoch": e["epoch"], **{k: v for k, v in e.items()
-                                                    if k.startswith(("recall@", "ndcg@"))}}
-                           for e in evals],
+        "learning_curve": [{"epoch": e["epoch"], "split": e["split"],
+                            **{k: v for k, v in e.items() if k.startswith(("recall@", "ndcg@"))}}
+                           for e in all_evals],
+        "best": best,
         "eval_seconds": evals[-1]["seconds"],
         "wall_seconds": wall,
     }

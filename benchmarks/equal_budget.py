@@ -1,0 +1,145 @@
+"""DSL against the dense model of the same size, each tuned and selected on validation.
+
+    python benchmarks/equal_budget.py [--models mf lightgcn] [--settings dense:12 dsl:0.2 ...]
+                                      [--lrs 0.05 0.1] [--epochs N] [--rerun] [--table-only]
+
+The protocol: gowalla's train split loses 10% of each user's interactions to a validation
+split (data.valid_fraction=0.1, a prepared copy of its own); every run evaluates validation and
+test every `--eval-every` epochs; its result is the epoch with the best validation Recall@20
+(eval.select_split=valid), and of the learning rates in `--lrs` (the same grid and epochs for
+every method) the one whose best validation Recall@20 is highest. Test never chooses anything.
+
+A setting is `dense:DIM` (a dense model of embedding dimension DIM: 64 is the full model, 16
+and 12 neighbour density 0.2's budget, 8 and 4 density 0.1's) or `METHOD:DENSITY` with METHOD
+`dsl` (unstructured) or `block_dsl` (structured), both at dimension 64, with the DSL settings
+of `configs/experiment/<model>_gowalla.yaml`; a third part names a lever (`block_dsl:0.2:static`,
+see LEVERS), reported as an ablation row with its `variant`, never chosen over the plain
+settings (the dense models get no such extra tuning). Each run writes
+benchmarks/results/equal_budget/<model>-<setting>-lr<lr>.json (train_benchmark.py's figures)
+and is skipped when that file exists unless --rerun; then benchmarks/results/equal_budget.json
+and equal_budget.md are written from every run there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_benchmark import REPO, RESULTS, run_benchmark  # noqa: E402
+
+RUNS = RESULTS / "equal_budget"
+DATA = "gowalla"
+VALID_FRACTION = 0.1
+PREPARED = f"data/{DATA}-valid{int(VALID_FRACTION * 100)}"
+FULL_DIM = 64
+SETTINGS = ("dense:64", "dense:16", "dense:12", "dense:8", "dense:4", "dsl:0.2", "dsl:0.1",
+            "block_dsl:0.2", "block_dsl:0.1")
+METHOD = {"dense": "dense", "dsl": "unstructured", "block_dsl": "structured"}
+LEVERS = {
+    "static": ["sparsity.t_end=1"],  # the initial mask, never updated: the method's control
+    "b4": ["sparsity.block.size=4"],
+    "b16": ["sparsity.block.size=16"],
+    "min1": ["sparsity.block.min_blocks=1"],
+    "h0.3": ["sparsity.block.headroom=0.3"],
+}
+USERS_ITEMS = 29_858 + 40_981  # gowalla; params = rows × dimension (× density)
+
+
+def overrides(model: str, setting: str, lr: float, epochs: int | None,
+              eval_every: int) -> list[str]:
+    method, value, *lever = setting.split(":")
+    common = [f"+experiment={model}_{DATA}", f"data.path={PREPARED}",
+              f"data.valid_fraction={VALID_FRACTION}", "eval.select_split=valid",
+              f"eval.every_epochs={eval_every}", "checkpoint.keep_best=false", f"train.lr={lr}"]
+    if epochs:
+        common.append(f"train.epochs={epochs}")
+    if method == "dense":
+        return [*common, f"model.embedding_dim={int(value)}"]
+    return [*common, f"model.embedding_dim={FULL_DIM}", f"sparsity={method}",
+            f"sparsity.density={value}", *(o for name in lever for o in LEVERS[name])]
+
+
+def run_name(model: str, setting: str, lr: float) -> str:
+    return f"{model}-{setting.replace(':', '-')}-lr{lr:g}"
+
+
+def row_of(result: dict[str, Any]) -> dict[str, Any]:
+    """A run's row: its identity, size and the figures of its best validation epoch."""
+    name = result["name"]
+    model, method, value, *variant, _ = name.split("-")
+    dense = method == "dense"
+    dim, density = (int(value), 1.0) if dense else (FULL_DIM, float(value))
+    best = result["best"]
+    return {"data": DATA, "model": model, "method": METHOD[method], "variant": variant[0]
+            if variant else None, "density": density,
+            "embedding_dim": dim, "params": round(USERS_ITEMS * dim * density),
+            "recall@20": best["recall@20"], "ndcg@20": best["ndcg@20"],
+            "valid_recall@20": best["valid_recall@20"], "epochs": result["epochs"],
+            "best_epoch": best["epoch"], "lr": float(name.rsplit("-lr", 1)[1]),
+            "train_minutes": round(result["wall_seconds"] / 60, 1)}
+
+
+def chosen_rows() -> list[dict[str, Any]]:
+    """Of every (model, method, density, dimension), the run with the best validation
+    Recall@20 over the learning rates tried."""
+    best: dict[tuple, dict[str, Any]] = {}
+    for path in sorted(RUNS.glob("*.json")):
+        row = row_of(json.loads(path.read_text()))
+        key = (row["model"], row["method"], row["variant"], row["density"],
+               row["embedding_dim"])
+        tried = best.get(key, {}).get("lrs_tried", [])
+        if key not in best or row["valid_recall@20"] > best[key]["valid_recall@20"]:
+            best[key] = row
+        best[key]["lrs_tried"] = sorted({*tried, row["lr"]})
+    return sorted(best.values(), key=lambda r: (r["model"], -r["params"], r["method"],
+                                                 r["variant"] or ""))
+
+
+def write_table(rows: list[dict[str, Any]]) -> None:
+    (RESULTS / "equal_budget.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    lines = ["# DSL against the dense model of the same size (gowalla, tuned on validation)", "",
+             f"Written by `benchmarks/equal_budget.py`: 2 CPU ranks; train is gowalla's train "
+             f"split less {VALID_FRACTION:.0%} of each user's interactions (the validation "
+             "split); every run's epoch and learning rate are chosen by validation Recall@20, "
+             "and the test figures are those of that choice.", "",
+             "| model | method | density | dim | params | test Recall@20 | test NDCG@20 | "
+             "valid Recall@20 | best epoch / epochs | lr (of tried) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        method = r["method"] + (f" ({r['variant']})" if r["variant"] else "")
+        lines.append(f"| {r['model']} | {method} | {r['density']:g} | {r['embedding_dim']} | "
+                     f"{r['params'] / 1e6:.2f}M | {r['recall@20']:.4f} | {r['ndcg@20']:.4f} | "
+                     f"{r['valid_recall@20']:.4f} | {r['best_epoch']} / {r['epochs']} | "
+                     f"{r['lr']:g} ({', '.join(f'{x:g}' for x in r['lrs_tried'])}) |")
+    (RESULTS / "equal_budget.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["mf", "lightgcn"])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    parser.add_argument("--lrs", nargs="+", type=float, required="--table-only" not in argv)
+    parser.add_argument("--epochs", type=int, help="default: the experiment config's")
+    parser.add_argument("--eval-every", type=int, default=2)
+    parser.add_argument("--rerun", action="store_true")
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.table_only:
+        for model in args.models:
+            for setting in args.settings:
+                for lr in args.lrs:
+                    name = run_name(model, setting, lr)
+                    if (RUNS / f"{name}.json").exists() and not args.rerun:
+                        continue
+                    run_benchmark(name, overrides(model, setting, lr, args.epochs,
+                                                  args.eval_every), results=RUNS)
+    write_table(chosen_rows())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
