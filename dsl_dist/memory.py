@@ -3,14 +3,16 @@
 Peaks come from Linux's high-water mark of the resident set (VmHWM), which writing "5" to
 /proc/self/clear_refs resets, so a phase (an epoch, an update, an evaluation) reports its own
 peak. Phases nest: an update's peak counts in its epoch's. Elsewhere the peak is the process's
-maximum so far (ru_maxrss) and phases do not reset it.
+maximum so far (ru_maxrss) and phases do not reset it. On a CUDA device the tables live in
+device memory, which the RSS does not see: there phases also report the peak of
+`torch.cuda.max_memory_allocated`, reset the same way.
 """
 
 from __future__ import annotations
 
 import resource
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -48,23 +50,46 @@ def _reset_peak() -> bool:
         return False
 
 
-class PeakTracker:
-    """Peak RSS of nested phases: `start()` a phase, `stop()` returns its peak."""
+class HighWaterMark:
+    """The peak of one kind of memory since its last reset, in MiB."""
 
-    def __init__(self) -> None:
-        self._outer: list[float] = []  # the peak so far of each phase that is still open
+    def __init__(self, read: Callable[[], float], reset: Callable[[], object]) -> None:
+        self.read, self.reset = read, reset
+
+
+def high_water_marks(device: torch.device) -> dict[str, HighWaterMark]:
+    """The peaks a phase on `device` reports, by event field: RSS, and on CUDA device memory."""
+    marks = {"peak_rss_mb": HighWaterMark(peak_rss_mb, _reset_peak)}
+    if device.type == "cuda":
+        marks["peak_cuda_mb"] = HighWaterMark(
+            lambda: torch.cuda.max_memory_allocated(device) / 2**20,
+            lambda: torch.cuda.reset_peak_memory_stats(device))
+    return marks
+
+
+class PeakTracker:
+    """Peaks of nested phases: `start()` a phase, `stop()` returns its peak of every mark (the
+    process's RSS unless told others)."""
+
+    def __init__(self, marks: Optional[dict[str, HighWaterMark]] = None) -> None:
+        self.marks = marks if marks is not None else high_water_marks(torch.device("cpu"))
+        self._outer: list[dict[str, float]] = []  # the peaks so far of each open phase
 
     def start(self) -> None:
         if self._outer:
-            self._outer[-1] = max(self._outer[-1], peak_rss_mb())
-        self._outer.append(0.0)
-        _reset_peak()
+            self._outer[-1] = self._merged(self._outer[-1])
+        self._outer.append(dict.fromkeys(self.marks, 0.0))
+        for mark in self.marks.values():
+            mark.reset()
 
-    def stop(self) -> float:
-        peak = max(self._outer.pop(), peak_rss_mb())
+    def stop(self) -> dict[str, float]:
+        peaks = self._merged(self._outer.pop())
         if self._outer:
-            self._outer[-1] = max(self._outer[-1], peak)
-        return peak
+            self._outer[-1] = {k: max(v, peaks[k]) for k, v in self._outer[-1].items()}
+        return peaks
+
+    def _merged(self, so_far: dict[str, float]) -> dict[str, float]:
+        return {name: max(so_far[name], mark.read()) for name, mark in self.marks.items()}
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:

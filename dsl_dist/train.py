@@ -22,7 +22,7 @@ from dsl_dist.data.prepare import ensure_prepared
 from dsl_dist.data.stream import EpochStream, InteractionStream, UserHistoryStream
 from dsl_dist.distributed import DistContext, init_distributed, shutdown_distributed
 from dsl_dist.evaluation import evaluate
-from dsl_dist.memory import PeakTracker, rss_mb, tensor_bytes
+from dsl_dist.memory import PeakTracker, high_water_marks, rss_mb, tensor_bytes
 from dsl_dist.model.base import PAIRS
 from dsl_dist.model.registry import build_model, prepare_model_data
 from dsl_dist.model.sharding import dense_optimizer, embedding_tables, shard_model
@@ -90,7 +90,7 @@ class Trainer:
                             "validation file, prepare one with data.valid_fraction")
         ctx.main_then_broadcast(lambda: prepare_model_data(cfg, self.dataset_dir))
         method = load(SPARSITY_METHODS, cfg.sparsity.name)
-        self.peaks = PeakTracker()
+        self.peaks = PeakTracker(high_water_marks(ctx.device))
         baseline_rss_mb = rss_mb()  # the process before the model: imports, data, libraries
         module = build_model(cfg, self.manifest, self.dataset_dir)
         self.weights = sum(t.num_embeddings * t.embedding_dim for t in embedding_tables(module))
@@ -178,10 +178,9 @@ class Trainer:
         self.progress.step += 1
         self.peaks.start()
         update = self.sparsity.after_optimizer_step(self.step)
-        peak = self.peaks.stop()
+        peaks = self.peaks.stop()
         if update:
-            self.log.write("update", **update,
-                           peak_rss_mb=self.ctx.all_gather_object(peak))
+            self.log.write("update", **update, **self._per_rank(peaks))
         return loss.detach()
 
     def train_epoch(self) -> None:
@@ -208,11 +207,16 @@ class Trainer:
         progress.epoch_loss, progress.epoch_steps = 0.0, 0
         self.stream.set_epoch(epoch + 1)
         samples = steps * self.cfg.data.batch_size * self.ctx.world_size
-        peak_rss_mb = self.ctx.all_gather_object(self.peaks.stop())
+        peaks = self._per_rank(self.peaks.stop())
         self.log.write("epoch", epoch=epoch, step=self.step, loss=mean_loss, seconds=seconds,
-                       samples_per_s=samples / seconds, peak_rss_mb=peak_rss_mb)
+                       samples_per_s=samples / seconds, **peaks)
         self.log.print(f"epoch {epoch} step {self.step} loss {mean_loss:.4f} "
                        f"{seconds:.1f}s {samples / seconds:,.0f} samples/s")
+
+    def _per_rank(self, peaks: dict[str, float]) -> dict[str, list[float]]:
+        """A phase's peaks of every rank, by field (peak_rss_mb, and peak_cuda_mb on CUDA)."""
+        gathered = self.ctx.all_gather_object(peaks)
+        return {name: [rank[name] for rank in gathered] for name in peaks}
 
     def evaluate(self, epoch: int) -> dict[str, float]:
         """Scores the reported split and, with selection, the selection split, keeping the
@@ -233,7 +237,7 @@ class Trainer:
                            list(e.ks), self.ctx, e.memory_mb, e.max_users, self.cfg.train.seed)
         self.log.write("eval", epoch=epoch, step=self.step, split=split,
                        seconds=time.perf_counter() - started, **metrics,
-                       peak_rss_mb=self.ctx.all_gather_object(self.peaks.stop()))
+                       **self._per_rank(self.peaks.stop()))
         self.log.print(f"eval epoch {epoch} ({split}): " +
                        " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "users") +
                        f" ({metrics['users']:,} users)")

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ranks.py for spawned workers
 
@@ -33,3 +35,13 @@ def write_clustered_dataset(directory: Path, num_users: int = 120, num_items: in
 @pytest.fixture
 def clustered_source(tmp_path: Path) -> Path:
     return write_clustered_dataset(tmp_path / "source")
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where the tests marked `cuda` put their tensors: DSL_TEST_DEVICE (cpu unless set), so
+    that the same tests check the CUDA kernels on a GPU machine (benchmarks/gpu_check.py)."""
+    chosen = torch.device(os.environ.get("DSL_TEST_DEVICE", "cpu"))
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"DSL_TEST_DEVICE={chosen}: torch sees no CUDA device")
+    return chosen

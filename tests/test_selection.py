@@ -107,8 +107,9 @@ def select_split(scores: torch.Tensor, positions: torch.Tensor, k: int, largest:
     return chosen
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("largest", [True, False])
-def test_matches_sorted_reference_with_ties(largest: bool) -> None:
+def test_matches_sorted_reference_with_ties(largest: bool, device: torch.device) -> None:
     generator = torch.Generator().manual_seed(0)
     for trial in range(150):
         n = int(torch.randint(1, 300, (1,), generator=generator))
@@ -117,8 +118,10 @@ def test_matches_sorted_reference_with_ties(largest: bool) -> None:
         positions = unique_positions(n, generator, bits)
         random_k = int(torch.randint(n + 1, (1,), generator=generator))
         for k in sorted({0, 1, n // 2, n - 1, n, random_k}):
-            chosen = select_extreme(scores, positions, k, largest=largest,
-                                    reduce_counts=local_counts)
+            chosen = select_extreme(scores.to(device), positions.to(device), k,
+                                    largest=largest, reduce_counts=local_counts)
+            assert chosen.device == device
+            chosen = chosen.cpu()
             assert chosen.dtype == torch.bool and chosen.shape == scores.shape
             assert int(chosen.sum()) == k
             assert torch.equal(chosen, reference(scores, positions, k, largest)), (trial, n, k)
@@ -148,15 +151,17 @@ def test_positions_computed_on_demand_choose_the_same_and_only_for_ties(largest:
                 assert int((scores == scores[index[0]]).sum()) == len(index)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("largest", [True, False])
-def test_matches_topk_on_distinct_values(largest: bool) -> None:
+def test_matches_topk_on_distinct_values(largest: bool, device: torch.device) -> None:
     generator = torch.Generator().manual_seed(1)
     scores = (torch.randn(100_000, generator=generator) * 10.0 ** torch.randint(
         -30, 30, (100_000,), generator=generator)).unique()  # distinct values, sorted
     scores = scores[torch.randperm(len(scores), generator=generator)]
     positions = unique_positions(len(scores), generator)
     for k in (1, 7, 12_345, len(scores) - 1):
-        chosen = select_extreme(scores, positions, k, largest=largest, reduce_counts=local_counts)
+        chosen = select_extreme(scores.to(device), positions.to(device), k, largest=largest,
+                                reduce_counts=local_counts).cpu()
         expected = torch.zeros(len(scores), dtype=torch.bool)
         expected[torch.topk(scores, k, largest=largest).indices] = True
         assert torch.equal(chosen, expected)
@@ -232,14 +237,15 @@ def test_negative_zero_equals_positive_zero() -> None:
             assert torch.nonzero(chosen).flatten().tolist() == expected, (largest, k)
 
 
-def test_all_equal_scores_go_by_position() -> None:
+@pytest.mark.cuda
+def test_all_equal_scores_go_by_position(device: torch.device) -> None:
     generator = torch.Generator().manual_seed(4)
     positions = unique_positions(5000, generator)
     for value in (0.0, -0.0, -2.5, float("inf")):
         scores = torch.full((5000,), value)
         for largest in (True, False):
-            chosen = select_extreme(scores, positions, 1234, largest=largest,
-                                    reduce_counts=local_counts)
+            chosen = select_extreme(scores.to(device), positions.to(device), 1234,
+                                    largest=largest, reduce_counts=local_counts).cpu()
             assert torch.equal(chosen, positions <= positions.sort().values[1233])
 
 
@@ -251,14 +257,15 @@ def test_strided_inputs() -> None:
     assert torch.equal(chosen, reference(scores[::2], positions[::2], 700, False))
 
 
-def test_half_precision_scores_and_int32_positions() -> None:
+@pytest.mark.cuda
+def test_half_precision_scores_and_int32_positions(device: torch.device) -> None:
     generator = torch.Generator().manual_seed(5)
     scores = tied_scores(500, generator)
     positions = torch.randperm(500, generator=generator)
     for dtype in (torch.float16, torch.bfloat16):
         narrow = scores.to(dtype)
-        chosen = select_extreme(narrow, positions.to(torch.int32), 100, largest=True,
-                                reduce_counts=local_counts)
+        chosen = select_extreme(narrow.to(device), positions.to(device, torch.int32), 100,
+                                largest=True, reduce_counts=local_counts).cpu()
         assert torch.equal(chosen, reference(narrow.float(), positions, 100, True))
 
 

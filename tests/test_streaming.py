@@ -33,11 +33,13 @@ class Chunked:
 
     def chosen(self, selection: streaming.Selection) -> torch.Tensor:
         parts = [selection.chosen(c, self.tie_keys) for c in self.chunks()]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool,
+                                                          device=self.scores.device)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("held", [True, False])
-def test_streaming_chooses_what_select_extreme_chooses(held: bool,
+def test_streaming_chooses_what_select_extreme_chooses(held: bool, device: torch.device,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(streaming, "TIES_HELD", 1 << 21 if held else 0)
     generator = torch.Generator().manual_seed(3)
@@ -53,10 +55,11 @@ def test_streaming_chooses_what_select_extreme_chooses(held: bool,
                              int(torch.randint(total + 1, (1,), generator=generator))}):
                 expected = select_extreme(scores, positions, k, largest=largest,
                                           reduce_counts=local_counts, candidates=candidates)
-                source = Chunked(scores, positions, candidates, size)
+                source = Chunked(scores.to(device), positions.to(device),
+                                 None if candidates is None else candidates.to(device), size)
                 selection = select_streaming(source, k, largest=largest,
                                              reduce_counts=local_counts, position_bits=62)
-                assert torch.equal(source.chosen(selection), expected), (trial, largest, k)
+                assert torch.equal(source.chosen(selection).cpu(), expected), (trial, largest, k)
 
 
 def test_ranks_choose_together_what_one_chooses() -> None:

@@ -51,6 +51,8 @@ class JobConfig:
         self.sparsity.validate(self.train.max_steps)
         require(self.backend in ("auto", "gloo", "nccl"), "backend", "must be auto, gloo or nccl",
                  self.backend)
+        require(self.backend != "nccl" or torch.cuda.is_available(), "backend",
+                "NCCL needs a CUDA device and torch sees none", self.backend)
         on_cpu = self.backend == "gloo" or (self.backend == "auto" and not torch.cuda.is_available())
         require(not on_cpu or self.train.optimizer in CPU_OPTIMIZERS, "train.optimizer",
                  f"FBGEMM on CPU offers {CPU_OPTIMIZERS}", self.train.optimizer)

@@ -124,9 +124,11 @@ class BlockDSL(SparsityMethod):
                     for n, g in self.geometries.items() if n in group.tables}
             extra = group.budget - sum(base[n] * self.geometries[n].num_rows
                                        for n in group.tables)
-            parts = [Part(uniform_hash(s.block_positions(torch.arange(s.num_rows), 0),
+            parts = [Part(uniform_hash(s.block_positions(torch.arange(s.num_rows,
+                                                                      device=s.device), 0),
                                        self.seed),
-                          torch.full((s.num_rows,), base[s.table] < s.geometry.blocks_per_row),
+                          torch.full((s.num_rows,), base[s.table] < s.geometry.blocks_per_row,
+                                     device=s.device),
                           lambda rows, s=s: s.block_positions(rows, 0)) for s in members]
             chosen = self._select(extra, False, parts)
             for s, more in zip(members, chosen):
@@ -138,9 +140,10 @@ class BlockDSL(SparsityMethod):
         g = s.geometry
         for first, values in initial_rows(s.table, g.dim, s.first_row, s.end_row, init_std,
                                           self.seed):
-            rows = torch.arange(first, first + len(values)) - s.first_row
-            blocks = values.view(len(values), g.blocks_per_row, g.block)
-            active = torch.arange(g.blocks_per_row)[None, :] < s.widths[rows, None].long()
+            rows = torch.arange(first, first + len(values), device=s.device) - s.first_row
+            blocks = values.to(s.device).view(len(values), g.blocks_per_row, g.block)
+            active = (torch.arange(g.blocks_per_row, device=s.device)[None, :]
+                      < s.widths[rows, None].long())
             row_index, block_index = torch.nonzero(active, as_tuple=True)
             s.shard.weight[s.slots(rows[row_index], block_index)] = blocks[row_index, block_index]
 
@@ -158,7 +161,8 @@ class BlockDSL(SparsityMethod):
         for s in members:
             widths = s.widths.to(torch.int64)
             last = (s.rowptr[:-1] + widths - 1).clamp(min=0)
-            norms = s.shard.weight[last].float().norm(dim=1) if len(last) else torch.zeros(0)
+            norms = (s.shard.weight[last].float().norm(dim=1) if len(last)
+                     else torch.zeros(0, device=s.device))
             parts.append(Part(norms, widths > self.cfg.block.min_blocks,
                               lambda rows, s=s, w=widths: s.block_positions(rows, w[rows] - 1)))
         return parts
@@ -231,8 +235,9 @@ class BlockDSL(SparsityMethod):
         local = torch.zeros(len(names) + 1, dtype=torch.int64)
         for s in self.shards:
             widths = s.widths.to(torch.int64)
-            rows = torch.repeat_interleave(torch.arange(s.num_rows), widths)
-            blocks = torch.arange(len(rows)) - torch.repeat_interleave(s.rowptr[:-1], widths)
+            rows = torch.repeat_interleave(torch.arange(s.num_rows, device=s.device), widths)
+            blocks = (torch.arange(len(rows), device=s.device)
+                      - torch.repeat_interleave(s.rowptr[:-1], widths))
             positions = s.block_positions(rows, blocks)
             local[names.index(s.table)] += len(positions) * self.block
             hashes = (positions * POSITION_SCRAMBLE) >> (64 - _DIGEST_BITS)

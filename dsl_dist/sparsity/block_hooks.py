@@ -117,12 +117,12 @@ class PoolKernelHooks:
         shard = run.shard
         rows = shard.local_rows(ids)
         widths = shard.widths[rows].to(torch.int64)
-        block = torch.arange(shard.geometry.blocks_per_row)[:, None]
+        block = torch.arange(shard.geometry.blocks_per_row, device=ids.device)[:, None]
         keep = block < widths[None, :]  # (J, ids)
         slots = (shard.rowptr[rows][None, :] + block)[keep]
         single = len(ids) == stride and bool((bag_lengths == 1).all())
         bags = None if single else torch.repeat_interleave(
-            torch.arange(stride), bag_lengths, output_size=len(ids))
+            torch.arange(stride, device=ids.device), bag_lengths, output_size=len(ids))
         if single:
             new_lengths = keep.flatten()
         else:
@@ -136,7 +136,7 @@ class PoolKernelHooks:
             first_columns = run.first_column + (feature + which_block) * run.width
             captured = _Captured(
                 shard, rows[which_id], which_id if single else bags[which_id],
-                first_columns[:, None] + torch.arange(run.width)[None, :],
+                first_columns[:, None] + torch.arange(run.width, device=ids.device)[None, :],
                 None if w is None else w[which_id], widths[which_id] == which_block)
         return slots, new_lengths, new_weights, captured
 
@@ -159,6 +159,6 @@ def _record(grad: torch.Tensor, captured: list[_Captured]) -> None:
             if not bool(chosen.any()):
                 continue
             rows, inverse = torch.unique(part.rows[chosen], return_inverse=True)
-            summed = torch.zeros(len(rows), sampled.shape[1]).index_add_(
+            summed = torch.zeros(len(rows), sampled.shape[1], device=sampled.device).index_add_(
                 0, inverse, sampled[chosen])
             statistic[rows] = (statistic[rows].float() + summed.abs_().sum(1)).to(statistic.dtype)

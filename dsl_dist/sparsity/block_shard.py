@@ -35,16 +35,21 @@ class PoolShard:
         self.end_row = min(geometry.num_rows,
                            int(geometry.row_of(shard.row_offset + shard.num_rows)))
         rows = max(self.end_row - self.first_row, 0)
-        self.widths = torch.zeros(rows, dtype=torch.uint8)
-        self.rowptr = torch.zeros(rows + 1, dtype=torch.int32)
-        self.grow_next = torch.zeros(rows, dtype=torch.bfloat16)
-        self.grow_last = torch.zeros(rows, dtype=torch.bfloat16)
-        self.high_water = torch.zeros(rows, dtype=torch.uint8)
+        device = self.device  # the layout lives with the blocks: the hooks index it by ids
+        self.widths = torch.zeros(rows, dtype=torch.uint8, device=device)
+        self.rowptr = torch.zeros(rows + 1, dtype=torch.int32, device=device)
+        self.grow_next = torch.zeros(rows, dtype=torch.bfloat16, device=device)
+        self.grow_last = torch.zeros(rows, dtype=torch.bfloat16, device=device)
+        self.high_water = torch.zeros(rows, dtype=torch.uint8, device=device)
         """The widest each row has been: a block grown below it had been dropped before."""
 
     @property
     def table(self) -> str:
         return self.shard.table
+
+    @property
+    def device(self) -> torch.device:
+        return self.shard.weight.device
 
     @property
     def num_rows(self) -> int:
@@ -74,8 +79,10 @@ class PoolShard:
         """This shard's rows as the model sees them, (rows, D): their blocks, zeros beyond
         their widths."""
         g = self.geometry
-        rows = torch.zeros(self.num_rows, g.blocks_per_row, g.block, dtype=self.shard.weight.dtype)
-        active = torch.arange(g.blocks_per_row)[None, :] < self.widths[:, None].long()
+        rows = torch.zeros(self.num_rows, g.blocks_per_row, g.block, dtype=self.shard.weight.dtype,
+                           device=self.device)
+        active = (torch.arange(g.blocks_per_row, device=self.device)[None, :]
+                  < self.widths[:, None].long())
         row_index, block_index = torch.nonzero(active, as_tuple=True)
         rows[row_index, block_index] = self.shard.weight[self.slots(row_index, block_index)]
         return rows.view(self.num_rows, g.dim)
@@ -90,7 +97,7 @@ class PoolShard:
         """Gives every row a new width and moves the blocks it keeps to the new layout, in
         place; its new blocks, and every slot past the last block, are zeroed with their
         optimizer state. Refuses a layout beyond the shard's slots."""
-        new_ptr = torch.zeros(self.num_rows + 1, dtype=torch.int64)
+        new_ptr = torch.zeros(self.num_rows + 1, dtype=torch.int64, device=self.device)
         torch.cumsum(widths.to(torch.int64), 0, out=new_ptr[1:])
         if int(new_ptr[-1]) > self.capacity:
             raise RuntimeError(f"{self.table}: {int(new_ptr[-1])} active blocks exceed the "
@@ -124,6 +131,6 @@ def _expand(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """[s, s + c) for every (s, c), one after another."""
     total = int(counts.sum())
     ends = torch.cumsum(counts, 0)
-    return (torch.arange(total, dtype=torch.int64)
+    return (torch.arange(total, dtype=torch.int64, device=starts.device)
             - torch.repeat_interleave(ends - counts, counts, output_size=total)
             + torch.repeat_interleave(starts, counts, output_size=total))

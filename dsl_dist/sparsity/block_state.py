@@ -56,7 +56,7 @@ class LayoutState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The widths were loaded in place: lay the rows out again (their blocks follow)."""
         for s in self.shards:
-            s.rowptr = torch.zeros(s.num_rows + 1, dtype=torch.int32)
+            s.rowptr = torch.zeros(s.num_rows + 1, dtype=torch.int32, device=s.device)
             torch.cumsum(s.widths.to(torch.int32), 0, out=s.rowptr[1:])
             if s.active_blocks > s.capacity:
                 raise RuntimeError(f"{s.table}: the checkpoint's {s.active_blocks} blocks of rows "

@@ -45,7 +45,7 @@ class ShardCandidates:
 
     def tie_keys(self, flat: torch.Tensor) -> torch.Tensor:
         """A fixed permutation of the global positions of the entries at ascending `flat`."""
-        ends = torch.tensor(self.starts[1:], dtype=torch.int64)
+        ends = torch.tensor(self.starts[1:], dtype=torch.int64, device=flat.device)
         cuts = [0, *torch.searchsorted(flat, ends).tolist()]
         keys = torch.cat([flat.new_empty(0)] + [
             s.positions_at(flat[a:b] - start)

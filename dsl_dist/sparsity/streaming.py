@@ -69,7 +69,8 @@ class Selection:
                ) -> torch.Tensor:
         """Which entries of `chunk` are chosen (False outside its candidates)."""
         if self.none or self.every:
-            full = torch.full(chunk.scores.shape, self.every, dtype=torch.bool)
+            full = torch.full(chunk.scores.shape, self.every, dtype=torch.bool,
+                              device=chunk.scores.device)
             return full if chunk.candidates is None or self.none else chunk.candidates.clone()
         keys = unsigned_keys(chunk.scores)
         chosen = keys > self.key if self.largest else keys < self.key
@@ -96,7 +97,8 @@ def select_streaming(source: Candidates, k: int, *, largest: bool, reduce_counts
     shift, prefix, total = SCORE_BITS - DIGIT_BITS, 0, None
     while True:
         histogram, count, nans = _score_histogram(source, shift, prefix, total is None)
-        reduced = reduce_counts(torch.cat([histogram, torch.tensor([count, nans])]))
+        reduced = reduce_counts(torch.cat([histogram, torch.tensor([count, nans],
+                                                                   device=histogram.device)]))
         histogram = reduced[:BINS]
         if total is None:
             total, nans = int(reduced[BINS]), int(reduced[BINS + 1])
@@ -121,7 +123,8 @@ def select_streaming(source: Candidates, k: int, *, largest: bool, reduce_counts
 def _score_histogram(source: Candidates, shift: int, prefix: int, first: bool
                      ) -> tuple[torch.Tensor, int, int]:
     """Counts of the candidates' key digits at `shift` among those whose higher digits are
-    `prefix` (all, in the first round), and (first round only) the candidates and NaNs."""
+    `prefix` (all, in the first round), and (first round only) the candidates and NaNs; the
+    histogram on the chunks' device."""
     histogram = torch.zeros(BINS, dtype=torch.int64)
     count = nans = 0
     for chunk in source.chunks():
@@ -138,7 +141,7 @@ def _score_histogram(source: Candidates, shift: int, prefix: int, first: bool
         digits = (keys >> shift) & (BINS - 1)
         if keep is not None:
             digits = compress(digits, keep)
-        histogram += torch.bincount(digits, minlength=BINS)
+        histogram = histogram.to(digits.device) + torch.bincount(digits, minlength=BINS)
     return histogram, count, nans
 
 
@@ -157,7 +160,8 @@ def _tie_threshold(source: Candidates, key: int, tied: int, needed: int,
                 yield keys if prefix < 0 else compress(keys, (keys >> prefix_shift) == prefix)
 
     if tied <= TIES_HELD:
-        held = torch.cat([torch.empty(0, dtype=torch.int64), *tied_keys()])
+        parts = list(tied_keys())
+        held = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
         shift, prefix, needed, tied = _radix_select(held, tied, needed, max(position_bits, 1),
                                                     False, False, reduce_counts)
     else:
@@ -167,7 +171,8 @@ def _tie_threshold(source: Candidates, key: int, tied: int, needed: int,
             histogram = torch.zeros(BINS, dtype=torch.int64)
             for keys in tied_keys(shift + DIGIT_BITS, prefix if shift + DIGIT_BITS
                                   < max(position_bits, 1) else -1):
-                histogram += torch.bincount((keys >> shift) & (BINS - 1), minlength=BINS)
+                histogram = (histogram.to(keys.device)
+                             + torch.bincount((keys >> shift) & (BINS - 1), minlength=BINS))
             prefix, needed, tied = narrow(histogram, needed, False, prefix, reduce_counts)
             if needed == tied or shift == 0:
                 break

@@ -1,0 +1,51 @@
+"""PeakTracker: each phase reports its own peak of every high-water mark, nested phases
+count in the phase around them (on CUDA the device's allocated memory is one more mark)."""
+
+from __future__ import annotations
+
+import torch
+
+from dsl_dist.memory import HighWaterMark, PeakTracker, high_water_marks
+
+
+class FakeMark:
+    """A high-water mark driven by the test: `use(mb)` raises it, `reset` lowers it to now."""
+
+    def __init__(self) -> None:
+        self.now = self.peak = 0.0
+
+    def use(self, mb: float) -> None:
+        self.now = mb
+        self.peak = max(self.peak, mb)
+
+    def reset(self) -> None:
+        self.peak = self.now
+
+    def mark(self) -> HighWaterMark:
+        return HighWaterMark(lambda: self.peak, self.reset)
+
+
+def test_nested_phases_report_their_own_peaks_and_count_in_the_outer_one() -> None:
+    rss, device = FakeMark(), FakeMark()
+    tracker = PeakTracker({"peak_rss_mb": rss.mark(), "peak_cuda_mb": device.mark()})
+    tracker.start()  # an epoch
+    rss.use(100.0)
+    device.use(50.0)
+    tracker.start()  # an update within it
+    rss.use(300.0)
+    rss.use(120.0)
+    device.use(10.0)
+    assert tracker.stop() == {"peak_rss_mb": 300.0, "peak_cuda_mb": 50.0}
+    device.use(20.0)
+    tracker.start()  # a later update: the first one's peaks were reset
+    assert tracker.stop() == {"peak_rss_mb": 120.0, "peak_cuda_mb": 20.0}
+    assert tracker.stop() == {"peak_rss_mb": 300.0, "peak_cuda_mb": 50.0}
+
+
+def test_a_cpu_device_reports_rss_only() -> None:
+    marks = high_water_marks(torch.device("cpu"))
+    assert list(marks) == ["peak_rss_mb"]
+    tracker = PeakTracker(marks)
+    tracker.start()
+    peaks = tracker.stop()
+    assert list(peaks) == ["peak_rss_mb"] and peaks["peak_rss_mb"] > 0
