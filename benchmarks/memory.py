@@ -1,0 +1,160 @@
+"""What a model costs in memory and time, dense against the two sparse methods, at scale.
+
+    python benchmarks/memory.py                       # both data sets, every run
+    python benchmarks/memory.py --data synthetic --runs dsl:0.2 block_dsl:0.2
+
+Each run is a 2-rank torchrun job (row-wise sharding, so both ranks hold half of every table)
+whose metrics.jsonl carries what the figures need: the `memory` line (bytes of table weights,
+optimizer state and sparsity state counted from the tensors, summed over the ranks, and each
+rank's RSS after imports, before the model is built), and the peak RSS of every epoch, update and
+evaluation. Writes, from one set of runs:
+
+- benchmarks/results/memory_<data>.json: {"runs": [{"method", "density", "table_bytes",
+  "optimizer_bytes", "sparsity_bytes", "peak_rss_mb", "baseline_rss_mb",
+  "samples_per_s_between_updates", "update_seconds_mean"}, ...]} (the budget-sized-models
+  issue);
+- benchmarks/results/scale_synthetic.json: {"runs": [{"method", "density", "weights_per_rank",
+  "update_seconds_mean", "peak_rss_mb_train", "peak_rss_mb_update", "peak_rss_mb_eval",
+  "samples_per_s_between_updates"}, ...]} (the scale issue).
+
+The synthetic catalogue (generated once into data/, by seed): 2M users × 1M items, 4 train and
+1 test interaction per user, items drawn from a Zipf law (exponent 1.05) over a random order of
+the item ids; dim 64, i.e. 192M weights, 96M per rank. Its evaluation scores 20,000 sampled
+users (eval.max_users) within eval.memory_mb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+SYNTHETIC = {"users": 2_000_000, "items": 1_000_000, "train_per_user": 4, "zipf": 1.05}
+RUNS = ["dense:1.0", "dsl:0.2", "dsl:0.1", "block_dsl:0.2", "block_dsl:0.1"]
+METHOD = {"dense": "dense", "dsl": "unstructured", "block_dsl": "structured"}
+COMMON = ["model.embedding_dim=64", "model.sharding_type=row_wise", "model.init_std=0.01",
+          "train.log_every=0", "sparsity.growth=accumulated", "sparsity.growth_every=10"]
+DATA = {
+    "synthetic": ["data.name=synthetic", "data.batch_size=4096", "train.max_steps=300",
+                  "sparsity.delta_t=50", "eval.max_users=20000", "eval.memory_mb=256"],
+    "gowalla": ["+experiment=mf_gowalla", "train.epochs=2", "eval.every_epochs=0"],
+}
+
+
+def synthetic_dataset(directory: Path, seed: int = 0) -> Path:
+    """The prepared synthetic catalogue (made on first use; a few minutes)."""
+    from dsl_dist.data.prepare import write_dataset
+
+    if (directory / "manifest.json").exists():
+        return directory
+    rng = np.random.default_rng(seed)
+    users, items, per_user = (SYNTHETIC[k] for k in ("users", "items", "train_per_user"))
+    ranks = np.arange(1, items + 1, dtype=np.float64) ** -SYNTHETIC["zipf"]
+    popularity = np.cumsum(ranks / ranks.sum())
+    order = rng.permutation(items)  # the popular items are spread over the ids
+    draws = order[np.minimum(np.searchsorted(popularity, rng.random(users * (per_user + 1))),
+                             items - 1)]
+    user_ids = np.repeat(np.arange(users), per_user + 1)
+    test = np.arange(len(user_ids)) % (per_user + 1) == per_user
+    tables = {split: pa.table({"user": user_ids[rows], "item": draws[rows]})
+              for split, rows in (("train", ~test), ("test", test))}
+    write_dataset(tables, directory, name="synthetic", num_shards=8)
+    return directory
+
+
+def run(name: str, data: str, method: str, density: float, prepared: Path) -> Path:
+    run_dir = REPO / "runs" / f"memory-{data}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    overrides = [*DATA[data], *COMMON, f"sparsity={method}", f"run_dir={run_dir}",
+                 f"data.path={prepared}", f"data.source={prepared}"]
+    if method != "dense":
+        overrides.append(f"sparsity.density={density}")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "dsl_dist.train", *overrides]
+    print(" ".join(command), flush=True)
+    subprocess.run(command, cwd=REPO, check=True)
+    return run_dir
+
+
+def figures(run_dir: Path) -> dict:
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    of = {kind: [e for e in events if e["event"] == kind] for kind in
+          ("memory", "epoch", "update", "eval")}
+    memory = of["memory"][0]
+    train_seconds = sum(e["seconds"] for e in of["epoch"])
+    update_seconds = sum(e["seconds"] for e in of["update"])
+    samples = sum(e["samples_per_s"] * e["seconds"] for e in of["epoch"])
+
+    def peak(kind: str) -> list[float]:
+        lines = of[kind]
+        return [max(e["peak_rss_mb"][r] for e in lines) for r in range(2)] if lines else []
+
+    return {"memory": memory, "epochs": of["epoch"], "evals": of["eval"],
+            "samples_per_s_between_updates": samples / (train_seconds - update_seconds),
+            "update_seconds_mean": (update_seconds / len(of["update"]) if of["update"]
+                                    else None),
+            "peak_train": peak("epoch"), "peak_update": peak("update"), "peak_eval": peak("eval")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", nargs="+", default=["synthetic", "gowalla"],
+                        choices=sorted(DATA))
+    parser.add_argument("--runs", nargs="+", default=RUNS, help="method:density")
+    parser.add_argument("--keep-runs", action="store_true", help="keep the run directories")
+    args = parser.parse_args()
+    for data in args.data:
+        prepared = (synthetic_dataset(REPO / "data" / "synthetic-2m-1m") if data == "synthetic"
+                    else REPO / "data" / "gowalla")
+        memory_rows, scale_rows = [], []
+        for spec in args.runs:
+            method, density = spec.split(":")
+            run_dir = run(spec.replace(":", "-"), data, method, float(density), prepared)
+            f = figures(run_dir)
+            m = f["memory"]
+            row = {"method": METHOD[method], "density": float(density),
+                   "table_bytes": m["table_bytes"], "optimizer_bytes": m["optimizer_bytes"],
+                   "sparsity_bytes": m["sparsity_bytes"],
+                   "peak_rss_mb": [max(v) for v in zip(*[p for p in (f["peak_train"],
+                                                                     f["peak_update"],
+                                                                     f["peak_eval"]) if p])],
+                   "baseline_rss_mb": m["baseline_rss_mb"],
+                   "samples_per_s_between_updates": f["samples_per_s_between_updates"],
+                   "update_seconds_mean": f["update_seconds_mean"],
+                   "recall@20": f["evals"][-1].get("recall@20") if f["evals"] else None}
+            memory_rows.append(row)
+            scale_rows.append({"method": row["method"], "density": row["density"],
+                               "weights_per_rank": m["weights"] // 2,
+                               "update_seconds_mean": row["update_seconds_mean"],
+                               "peak_rss_mb_train": f["peak_train"],
+                               "peak_rss_mb_update": f["peak_update"],
+                               "peak_rss_mb_eval": f["peak_eval"],
+                               "samples_per_s_between_updates":
+                                   row["samples_per_s_between_updates"]})
+            print(json.dumps(row), flush=True)
+            if not args.keep_runs:
+                shutil.rmtree(run_dir)
+        write(RESULTS / f"memory_{data}.json", memory_rows)
+        if data == "synthetic":
+            write(RESULTS / "scale_synthetic.json", scale_rows)
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    """Writes `rows`, replacing the rows of the same (method, density) in an existing file."""
+    old = json.loads(path.read_text())["runs"] if path.exists() else []
+    keys = {(r["method"], r["density"]) for r in rows}
+    merged = [r for r in old if (r["method"], r["density"]) not in keys] + rows
+    path.write_text(json.dumps({"runs": merged}, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
