@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
@@ -88,10 +89,7 @@ def rows_against_popularity(run: Run, active: dict[str, np.ndarray],
         means = [(np.exp(np.log(counts[bins == b] + 1).mean()), kept[bins == b].mean())
                  for b in np.unique(bins)]
         axes.plot(*zip(*means), color="red", marker="o", label="mean per popularity bin")
-        axes.set_xscale("log")
-        axes.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-        axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-        axes.xaxis.set_minor_formatter(NullFormatter())
+        _log_x(axes)
         axes.set(title=f"{run.name}: {table} table", xlabel=f"interactions of the {side_of(table)} "
                  "in train + 1 (log)", ylabel=f"active weights per row (of {cols})",
                  ylim=(-0.5, cols + 0.5))
@@ -103,8 +101,8 @@ def rows_against_popularity(run: Run, active: dict[str, np.ndarray],
 def density_grid(rows: Sequence[dict], references: Sequence[dict], path: Path) -> Path:
     """Recall@20 against the density of the tables (active / all parameters), a line per
     data set and model; a dashed line marks each line's dense run and a cross each dense
-    model of an equal budget (fewer embedding dimensions)."""
-    figure = Figure(figsize=(8, 5.5))
+    model of an equal budget (fewer embedding dimensions) among `references`."""
+    figure = Figure(figsize=(10.5, 5.5))
     axes = figure.subplots()
     lines = sorted({(r["data"], r["model"]) for r in rows})
     for data, model in lines:
@@ -119,10 +117,20 @@ def density_grid(rows: Sequence[dict], references: Sequence[dict], path: Path) -
                 axes.scatter(r["density"], r["recall@20"], marker="x", s=60,
                              color=line.get_color())
     axes.plot([], [], color="grey", linestyle="--", label="dense run (same line's colour)")
-    axes.scatter([], [], marker="x", color="grey", label="dense, equal budget (smaller dim)")
-    axes.set_xscale("log")
+    if references:
+        axes.scatter([], [], marker="x", color="grey", label="dense, equal budget (smaller dim)")
+    _log_x(axes)
     axes.set(title="DSL grid: Recall@20 against density", xlabel="density (active / all "
              "parameters, log)", ylabel="Recall@20 (fraction)")
     axes.grid(alpha=0.3, which="both")
-    axes.legend(fontsize="small", ncol=2)
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
     return _save(figure, path)
+
+
+def _log_x(axes: Axes) -> None:
+    """A log x axis labelled 1, 2, 5, 10, ... instead of powers of ten."""
+    axes.set_xscale("log")
+    axis = axes.xaxis
+    axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
