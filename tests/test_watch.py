@@ -125,7 +125,8 @@ def test_rows_read_from_the_checkpoint_add_up_to_the_last_update(runs: dict) -> 
         run = Run.load(run_dir)
         counts = active_per_row(run)
         assert set(counts) == {"user", "item"}
-        assert sum(int(c.sum()) for c in counts.values()) == run.of("update")[-1]["active"]
+        assert sum(int(c.sum()) for c, _ in counts.values()) == run.of("update")[-1]["active"]
+        assert {width for _, width in counts.values()} == {16}
 
 
 def test_plain_lines_are_spaced_and_name_the_update() -> None:

@@ -73,16 +73,14 @@ def sparsity_over_time(run: Run, path: Path) -> Path:
     return _save(figure, path)
 
 
-def rows_against_popularity(run: Run, active: dict[str, np.ndarray],
+def rows_against_popularity(run: Run, active: dict[str, tuple[np.ndarray, int]],
                             popularity: dict[str, np.ndarray], path: Path) -> Path:
     """Per sparsified table, one dot per row: its active weights at the end of the run
     against its interactions in train, with the mean per popularity bin."""
     tables = list(active)
     figure = Figure(figsize=(5.5 * len(tables), 4.5))
-    width = run.config["model"]["embedding_dim"]
     for axes, table in zip(np.atleast_1d(figure.subplots(1, len(tables))), tables):
-        counts, kept = popularity[side_of(table)], active[table]
-        cols = width if kept.max(initial=0) <= width else int(kept.max())
+        (kept, cols), counts = active[table], popularity[side_of(table)]
         axes.scatter(counts + 1, kept, s=4, alpha=0.25, label="one row")
         edges = np.unique(np.geomspace(1, counts.max() + 2, 15).astype(int))
         bins = np.digitize(counts + 1, edges)

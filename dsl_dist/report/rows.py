@@ -33,9 +33,9 @@ def final_checkpoint(run: Run) -> Optional[Path]:
     return found[0] if found else None
 
 
-def active_per_row(run: Run) -> dict[str, np.ndarray]:
-    """Active weights of every row of each sparsified table at the end of the run (empty for
-    a dense run or one without a checkpoint)."""
+def active_per_row(run: Run) -> dict[str, tuple[np.ndarray, int]]:
+    """Per sparsified table, the active weights of every row at the end of the run and the
+    row's width (nothing for a dense run or one without a checkpoint)."""
     path = final_checkpoint(run)
     if path is None or run.config["sparsity"]["name"] == "dense":
         return {}
@@ -49,12 +49,15 @@ def active_per_row(run: Run) -> dict[str, np.ndarray]:
     with warnings.catch_warnings():  # DCP warns that it loads in one process: we mean to
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=str(path), no_dist=True)
-    block = run.config["sparsity"]["block"]["size"]
+    model, block = run.config["model"], run.config["sparsity"]["block"]["size"]
     counts = {}
     for key, tensor in state.items():
         table = key[len("sparsity."):].rsplit(".", 1)[0]
-        counts[table] = (tensor.sum(dim=1) if key.endswith(".mask")
-                         else tensor.to(torch.int64) * block).numpy()
+        if key.endswith(".mask"):
+            counts[table] = (tensor.sum(dim=1).numpy(), tensor.shape[1])
+        else:  # a block layout keeps no row width: the model's (NeuMF's GMF tables: gmf_dim)
+            width = model["neumf"]["gmf_dim"] if table.endswith("_gmf") else model["embedding_dim"]
+            counts[table] = ((tensor.to(torch.int64) * block).numpy(), width)
     return counts
 
 
