@@ -13,6 +13,8 @@ from typing import Any, Iterator, Optional
 
 from torch.utils.tensorboard import SummaryWriter
 
+MAX_QUEUE = 1000
+"""Scalars queued for the writer's thread: a queue that fills makes training wait for disk."""
 FLUSHED_AFTER = ("epoch", "eval")
 """Events after which the file is flushed, so a crash loses at most one epoch's updates."""
 
@@ -50,7 +52,8 @@ class TensorBoardSink:
     """A run log sink writing `scalars` of every event to a new event file in `directory`."""
 
     def __init__(self, directory: Path, purge_step: Optional[int] = None) -> None:
-        self.writer = SummaryWriter(str(directory), purge_step=purge_step)
+        self.writer = SummaryWriter(str(directory), max_queue=MAX_QUEUE,
+                                    purge_step=purge_step)
 
     def write(self, event: str, fields: dict[str, Any]) -> None:
         step = fields.get("step", 0)
