@@ -29,11 +29,11 @@ def learning_curves(runs: Sequence[Run], k: int, path: Path) -> Path:
     for axes, (metric, title) in zip(figure.subplots(1, 2), ((f"recall@{k}", f"Recall@{k}"),
                                                              (f"ndcg@{k}", f"NDCG@{k}"))):
         for run in runs:
-            evals = [e for e in run.of("eval") if metric in e]
+            evals = [e for e in run.reported() if metric in e]
             axes.plot([e["epoch"] for e in evals], [e[metric] for e in evals], marker="o",
                       label=run.label)
-        split = next((e["split"] for r in runs for e in r.of("eval")), "test")
-        axes.set(title=f"{title} on {split}", xlabel="epoch (evaluated after it)",
+        splits = sorted({run.config["eval"]["split"] for run in runs})
+        axes.set(title=f"{title} on {' / '.join(splits)}", xlabel="epoch (evaluated after it)",
                  ylabel=f"{metric} (fraction)")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)

@@ -46,9 +46,13 @@ class Run:
     def of(self, event: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["event"] == event]
 
+    def reported(self) -> list[dict[str, Any]]:
+        """The evaluations of the reported split (eval.split), not those that select."""
+        return [e for e in self.of("eval") if e["split"] == self.config["eval"]["split"]]
+
     def key_figures(self) -> dict[str, str]:
         """The index's row: what ran, how fast, and where it ended."""
-        epochs, evals, updates = self.of("epoch"), self.of("eval"), self.of("update")
+        epochs, evals, updates = self.of("epoch"), self.reported(), self.of("update")
         final = evals[-1] if evals else {}
         seconds = sum(e["seconds"] for e in epochs)
         samples = sum(e["samples_per_s"] * e["seconds"] for e in epochs)
