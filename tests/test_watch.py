@@ -168,3 +168,23 @@ def test_a_terminal_gets_a_bar_and_lines_above_it() -> None:
     drawn = stream.getvalue()
     assert "\r" in drawn and "epoch 2" in drawn and "loss 0.7500" in drawn
     assert "checkpoint saved\n" in drawn
+
+
+def test_a_restart_appends_a_file_and_hides_what_it_writes_again(tmp_path: Path) -> None:
+    """As a job resumed in place at step 5: the first file's later steps give way to the
+    second file's."""
+    from dsl_dist.tensorboard_log import TensorBoardSink
+
+    def epochs(sink: TensorBoardSink, steps: range, loss: float) -> None:
+        for step in steps:
+            sink.write("epoch", {"epoch": step, "step": step, "loss": loss, "seconds": 1.0,
+                                 "samples_per_s": 1.0, "peak_rss_mb": [1.0]})
+        sink.close()
+
+    epochs(TensorBoardSink(tmp_path), range(1, 9), 1.0)
+    epochs(TensorBoardSink(tmp_path, purge_step=6), range(6, 8), 2.0)
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
+    accumulator = EventAccumulator(str(tmp_path))
+    accumulator.Reload()
+    assert [(s.step, s.value) for s in accumulator.Scalars("train/loss")] == [
+        (1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, 1.0), (6, 2.0), (7, 2.0)]
