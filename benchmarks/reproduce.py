@@ -13,7 +13,9 @@ also runs, for MF and LightGCN, the dense models of the same size as each densit
 embedding dimension density × 64 rounded down and up to a multiple of 4 (FBGEMM's kernels),
 e.g. 12 and 16 for 0.2 (`<data>-<model>-dim<D>.json`); the table shows them beside the sparse
 row. These runs use the same settings and epochs as the grid, selected on nothing (as the
-grid); benchmarks/equal_budget.py is the tuned comparison on a validation split.
+grid); benchmarks/equal_budget.py is the tuned comparison on a validation split. The table's
+figure (Recall@20 against density, a line per data set and model, the dense runs and the
+equal-budget dense models marked) goes to benchmarks/results/reproduction.png.
 
 FLOPs (multiply-adds × 2; estimates, formulas in `flops` below): a multiply-add is counted
 when its weight operand is active (RigL's convention), so a masked tensor of density ρ costs ρ
@@ -36,6 +38,8 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_benchmark import REPO, RESULTS, run_benchmark  # noqa: E402
+
+from dsl_dist.report.plots import density_grid  # noqa: E402
 
 RUNS = RESULTS / "reproduce"
 DATA = ("gowalla", "lastfm")
@@ -74,17 +78,27 @@ def equal_budget_dims(density: str) -> list[int]:
     return sorted({max(4, int(exact // 4) * 4), max(4, -int(-exact // 4) * 4)})
 
 
+def equal_budget_runs(data: str, model: str, density: str) -> list[tuple[int, float]]:
+    """(dimension, Recall@20) of the dense models run of the same size as the density's
+    budget."""
+    if density == "dense" or model not in EQUAL_BUDGET_MODELS:
+        return []
+    paths = [(dim, RUNS / f"{data}-{model}-dim{dim}.json") for dim in equal_budget_dims(density)]
+    return [(dim, json.loads(path.read_text())["final_metrics"]["recall@20"])
+            for dim, path in paths if path.exists()]
+
+
 def equal_budget_recall(data: str, model: str, density: str) -> str:
     """'R@20 (dim D)' of the dense models of the same size as the density's budget."""
-    if density == "dense" or model not in EQUAL_BUDGET_MODELS:
-        return "–"
-    found = []
-    for dim in equal_budget_dims(density):
-        path = RUNS / f"{data}-{model}-dim{dim}.json"
-        if path.exists():
-            found.append(f"{json.loads(path.read_text())['final_metrics']['recall@20']:.4f} "
-                         f"(dim {dim})")
-    return " / ".join(found) or "–"
+    return " / ".join(f"{recall:.4f} (dim {dim})"
+                      for dim, recall in equal_budget_runs(data, model, density)) or "–"
+
+
+def equal_budget_references() -> list[dict[str, Any]]:
+    """The equal-budget dense runs as points of the grid's figure (density: D / 64)."""
+    return [{"data": data, "model": model, "density": dim / FULL_DIM, "recall@20": recall}
+            for data in DATA for model in EQUAL_BUDGET_MODELS for density in DENSITIES
+            for dim, recall in equal_budget_runs(data, model, density)]
 
 
 def parameter_counts(cfg: Any) -> dict[str, tuple[int, int]]:
@@ -237,6 +251,7 @@ def main(argv: list[str]) -> None:
     rows = [row for data in DATA for model in MODELS for density in DENSITIES
             if (row := summarise(data, model, density))]
     write_table(rows)
+    density_grid(rows, equal_budget_references(), RESULTS / "reproduction.png")
 
 
 if __name__ == "__main__":

@@ -40,12 +40,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, partial or corrupt (the message names the file)."""
 
 
+WATCHING = ("log_every", "progress", "progress_every_s", "tensorboard")
+"""Settings of `train` that only change how a run is watched, which a resume may change."""
+
+
 def fingerprint(cfg: JobConfig) -> dict[str, Any]:
     """The settings a checkpoint shares with any run that continues it: model, sparsity,
-    optimisation and data order; not paths, launchers, evaluation or the world size."""
+    optimisation and data order; not paths, launchers, evaluation, watching or the world
+    size."""
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in WATCHING}
     sections = {"model": dataclasses.asdict(cfg.model),
                 "sparsity": dataclasses.asdict(cfg.sparsity),
-                "train": dataclasses.asdict(cfg.train),
+                "train": train,
                 "data": {k: getattr(cfg.data, k) for k in ("name", "batch_size",
                                                            "num_negatives", "shuffle_buffer")}}
     return {f"{section}.{key}": value for section, values in sections.items()

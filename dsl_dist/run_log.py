@@ -1,11 +1,16 @@
-"""The run directory: one JSON line per event in metrics.jsonl, written by rank 0 only."""
+"""The run directory: one JSON line per event in metrics.jsonl, written by rank 0 only.
+
+The run log is the one place that emits events; other sinks (the progress bar, TensorBoard)
+receive the same events as they are written, so what they show matches metrics.jsonl by
+construction.
+"""
 
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 if TYPE_CHECKING:
     from dsl_dist.config import JobConfig
@@ -23,6 +28,14 @@ def run_dir_of(cfg: JobConfig) -> Path:
                            f"{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+class Sink(Protocol):
+    """Receives every event the run log writes (rank 0 only)."""
+
+    def write(self, event: str, fields: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class RunLog:
     """Appends events to <run_dir>/metrics.jsonl; a no-op on ranks other than 0.
 
@@ -35,6 +48,19 @@ class RunLog:
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
         self.resuming_in_place = False
+        self.sinks: list[Sink] = []
+        self.echo: Callable[..., None] = print
+        """Prints messages; a progress bar replaces it so that lines do not tear its bar."""
+
+    def attach(self, sink: Sink) -> None:
+        """Adds a sink for the events written from now on (ignored on ranks other than 0)."""
+        if self.enabled:
+            self.sinks.append(sink)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
     def state_dict(self) -> dict[str, Any]:
         return {"lines": self.lines()}
@@ -71,7 +97,9 @@ class RunLog:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps({"event": event, **fields}) + "\n")
+            for sink in self.sinks:
+                sink.write(event, fields)
 
     def print(self, message: str, *, file: Optional[Any] = None) -> None:
         if self.enabled:
-            print(message, file=file, flush=True)
+            self.echo(message, file=file, flush=True)

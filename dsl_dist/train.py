@@ -27,10 +27,12 @@ from dsl_dist.model.base import PAIRS
 from dsl_dist.model.registry import build_model, prepare_model_data
 from dsl_dist.model.sharding import dense_optimizer, embedding_tables, shard_model
 from dsl_dist.model.shards import init_normal_, local_table_shards
+from dsl_dist.progress import ProgressBar
 from dsl_dist.registry import SPARSITY_METHODS, load
 from dsl_dist.run_log import RunDirError, RunLog, run_dir_of
 from dsl_dist.sparsity.base import SparsitySetup
 from dsl_dist.sparsity.schedule import UpdateSchedule
+from dsl_dist.tensorboard_log import TensorBoardSink
 
 
 class OptimizerState:
@@ -106,6 +108,7 @@ class Trainer:
         self.progress = TrainingProgress(ctx)
         epoch_steps = cfg.train.epochs * self.stream.steps_per_epoch
         self.total_steps = min(epoch_steps, cfg.train.max_steps or epoch_steps)
+        self.bar = self._progress_bar()
         self.sparsity = method.build(SparsitySetup(
             cfg.sparsity, cfg.train.seed, cfg.model.init_std, self.model, tables, ctx,
             self.total_steps, self.dense_optimizer, connect=lambda budgets, unit: (
@@ -115,6 +118,16 @@ class Trainer:
         self.best = (BestEvaluation(cfg.eval.select_metric) if cfg.eval.select_split else None)
         self._register_state()
         self._log_memory(baseline_rss_mb)
+
+    def _progress_bar(self) -> Optional[ProgressBar]:
+        """Rank 0's bar, fed the update events too, printing the log's lines above itself."""
+        if not (self.cfg.train.progress and self.ctx.is_main):
+            return None
+        bar = ProgressBar(self.cfg.data.batch_size * self.ctx.world_size,
+                          self.cfg.train.progress_every_s)
+        self.log.attach(bar)
+        self.log.echo = bar.print
+        return bar
 
     def _log_memory(self, baseline_rss_mb: float) -> None:
         """The `memory` line: bytes of table weights, optimizer state and sparsity state,
@@ -189,8 +202,14 @@ class Trainer:
         epoch, every, progress = self.stream.epoch, self.cfg.checkpoint.every, self.progress
         started, steps = time.perf_counter(), 0
         self.peaks.start()
+        if self.bar:
+            self.bar.start(epoch, progress.epoch_steps, min(
+                self.stream.steps_per_epoch,
+                progress.epoch_steps + self.total_steps - self.step))
         for batch in self.stream:
             loss = self.train_step(batch).item()
+            if self.bar:
+                self.bar.step(loss)
             progress.epoch_loss += loss
             progress.epoch_steps += 1
             steps += 1
@@ -201,6 +220,8 @@ class Trainer:
             if every and self.step % every == 0:
                 self.save_checkpoint()
         seconds = time.perf_counter() - started
+        if self.bar:
+            self.bar.end()
         mean_loss = float(self.ctx.all_reduce_sum(torch.tensor(
             progress.epoch_loss / max(progress.epoch_steps, 1), dtype=torch.float64))
         ) / self.ctx.world_size
@@ -270,6 +291,7 @@ class Trainer:
         if self.best is not None:
             self._log_best()
         self.save_checkpoint(finished=True)
+        self.log.close()
         return metrics
 
     def save_checkpoint(self, finished: bool = False, **where: Any) -> Path:
@@ -301,9 +323,16 @@ def build_trainer(cfg: JobConfig) -> Trainer:
         if ctx.is_main:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     log.print(f"run_dir {run_dir}, {ctx.world_size} rank(s), backend {ctx.backend}")
+    tensorboard = cfg.train.tensorboard and ctx.is_main
+    if tensorboard and not log.resuming_in_place:
+        log.attach(TensorBoardSink(run_dir / "tensorboard"))
     trainer = Trainer(cfg, ctx, log, store)
     if candidates:
         trainer.resume(candidates)
+    if tensorboard and log.resuming_in_place:
+        # a new event file from the resumed step on; TensorBoard hides the earlier files'
+        # later events, which this run writes again (as metrics.jsonl is cut back)
+        log.attach(TensorBoardSink(run_dir / "tensorboard", purge_step=trainer.step + 1))
     return trainer
 
 

@@ -174,6 +174,12 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     """Print the training loss every this many steps (0: never)."""
+    progress: bool = True
+    """A progress bar per epoch on rank 0 (see dsl_dist/progress.py)."""
+    progress_every_s: float = 30.0
+    """Where stdout is not a terminal, the bar is a plain line every this many seconds."""
+    tensorboard: bool = True
+    """TensorBoard event files under <run_dir>/tensorboard (see dsl_dist/tensorboard_log.py)."""
 
     def validate(self) -> None:
         require(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
@@ -187,6 +193,8 @@ class TrainConfig:
         require(self.dense_lr > 0, "train.dense_lr", "must be > 0", self.dense_lr)
         require(self.l2_reg >= 0, "train.l2_reg", "must be >= 0", self.l2_reg)
         require(self.log_every >= 0, "train.log_every", "must be >= 0", self.log_every)
+        require(self.progress_every_s > 0, "train.progress_every_s", "must be > 0",
+                self.progress_every_s)
 
 
 @dataclass

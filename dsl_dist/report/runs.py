@@ -1,0 +1,71 @@
+"""What the report reads of a run directory: its config, its events, its key figures."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+
+class ReportError(ValueError):
+    """A directory given to the report is not a run (the message names it)."""
+
+
+@dataclass
+class Run:
+    """One run directory: config.yaml and the events of metrics.jsonl."""
+
+    directory: Path
+    config: dict[str, Any]
+    events: list[dict[str, Any]]
+
+    @classmethod
+    def load(cls, directory: Path) -> Run:
+        metrics, config = directory / "metrics.jsonl", directory / "config.yaml"
+        if not metrics.is_file() or not config.is_file():
+            raise ReportError(f"{directory}: not a run directory (no metrics.jsonl and "
+                              "config.yaml)")
+        events = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+        return cls(directory, OmegaConf.to_container(OmegaConf.load(config)), events)
+
+    @property
+    def name(self) -> str:
+        return self.directory.name
+
+    @property
+    def label(self) -> str:
+        """The run's name and what it trained, for legends."""
+        sparsity = self.config["sparsity"]
+        kind = ("dense" if sparsity["name"] == "dense"
+                else f"{sparsity['name']} d={sparsity['density']:g}")
+        return f"{self.name} ({self.config['model']['name']}, {kind})"
+
+    def of(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == event]
+
+    def reported(self) -> list[dict[str, Any]]:
+        """The evaluations of the reported split (eval.split), not those that select."""
+        return [e for e in self.of("eval") if e["split"] == self.config["eval"]["split"]]
+
+    def key_figures(self) -> dict[str, str]:
+        """The index's row: what ran, how fast, and where it ended."""
+        epochs, evals, updates = self.of("epoch"), self.reported(), self.of("update")
+        final = evals[-1] if evals else {}
+        seconds = sum(e["seconds"] for e in epochs)
+        samples = sum(e["samples_per_s"] * e["seconds"] for e in epochs)
+        density = updates[-1]["density"] if updates else {}
+        return {
+            "run": self.name,
+            "data": self.config["data"]["name"],
+            "model": self.config["model"]["name"],
+            "sparsity": self.config["sparsity"]["name"],
+            "final density": ", ".join(f"{t} {d:.3f}" for t, d in density.items()) or "1",
+            "steps": str(epochs[-1]["step"]) if epochs else "0",
+            "train s": f"{seconds:.1f}",
+            "samples/s": f"{samples / seconds:,.0f}" if seconds else "–",
+            **{f"{name} ({final['split']})": f"{value:.4f}" for name, value in final.items()
+               if "@" in name},
+        }
