@@ -1,0 +1,156 @@
+"""Top-K recommendations from an exported artifact, in one process: `load(path).recommend(...)`.
+
+Scoring is exact: a user's score of every item is the dot product of their final embeddings,
+and the top K come from a full ranking (items scored a block at a time with a running top K),
+with the user's training items excluded as in the run's evaluation. MF's final embeddings
+are its tables. LightGCN's are propagated here, once at load time, from the layer-0 tables
+and the training graph the artifact keeps (its positives): with the run's own propagation
+(`bags`: the same truncated propagation bags the run trained and evaluated with, computed by
+the same code from the same edges; `full`: the exact sum of powers of the normalised
+adjacency), so the artifact stores sparse layer-0 weights only.
+
+Example::
+
+    model = load("exported/my-run")
+    recs = model.recommend(["u17", "u42"], k=20)
+    recs.items[0], recs.scores[0]  # user u17's 20 items (original ids), best first
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional
+
+from dsl_dist.artifact import Artifact, decode, read_artifact
+from dsl_dist.data.graph import CSRBags, InteractionGraph, propagation_bags
+from dsl_dist.model.lightgcn import propagate
+
+ITEM_BLOCK = 1 << 16
+"""Items scored at once (at most)."""
+
+
+class UnknownUsers(KeyError):
+    """Users the artifact does not know (`users` holds them)."""
+
+    def __init__(self, users: list) -> None:
+        super().__init__(f"unknown user id(s) {users[:10]}" + (" ..." if len(users) > 10 else ""))
+        self.users = users
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+@dataclass(frozen=True)
+class Recommendations:
+    """For each requested user (original ids, in request order), its items (original ids)
+    and their scores, best first; fewer than k where the user's training items leave fewer."""
+
+    users: list
+    items: list[list]
+    scores: list[list[float]]
+
+
+def _bag_sum(bags: CSRBags, table: torch.Tensor) -> torch.Tensor:
+    """Row r: Σ weights · table[ids] over bag r."""
+    return functional.embedding_bag(bags.ids, table, bags.indptr[:-1], mode="sum",
+                                    per_sample_weights=bags.weights,
+                                    include_last_offset=False)
+
+
+def lightgcn_embeddings(users: torch.Tensor, items: torch.Tensor, graph: InteractionGraph,
+                        settings: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """LightGCN's final (user, item) embeddings from its layer-0 tables, propagated as the run
+    did (`settings`: num_layers, propagation, max_neighbours)."""
+    layers = settings["num_layers"]
+    if settings["propagation"] == "full":
+        final = propagate(graph.normalized_adjacency(), torch.cat([users, items]), layers)
+        return final[:len(users)], final[len(users):]
+    bags = propagation_bags(graph, layers, settings["max_neighbours"])
+    alpha = bags.self_weight
+    return (alpha * users + _bag_sum(bags.user_to_users, users)
+            + _bag_sum(bags.user_to_items, items),
+            alpha * items + _bag_sum(bags.item_to_users, users)
+            + _bag_sum(bags.item_to_items, items))
+
+
+class ExportedModel:
+    """An artifact ready to score: the final user and item embeddings, the training positives
+    to exclude and the id maps."""
+
+    def __init__(self, artifact: Artifact) -> None:
+        meta = artifact.meta["model"]
+        self.meta = artifact.meta
+        self.num_users, self.num_items = meta["num_users"], meta["num_items"]
+        self.indptr = artifact.positives[0].astype(np.int64)
+        self.positives = artifact.positives[1].astype(np.int64)
+        self.user_ids, self.item_ids = artifact.ids["users"], artifact.ids["items"]
+        self._user_index = {raw: index for index, raw in enumerate(self.user_ids)}
+        users, items = (torch.from_numpy(decode(artifact.tables[t])) for t in ("user", "item"))
+        if meta["name"] == "lightgcn":
+            graph = InteractionGraph(self.num_users, self.num_items,
+                                     np.repeat(np.arange(self.num_users), np.diff(self.indptr)),
+                                     self.positives)
+            users, items = lightgcn_embeddings(users, items, graph, meta["lightgcn"])
+        self.user_vectors, self.item_vectors = users.contiguous(), items.contiguous()
+
+    def users_of(self, user_ids: Sequence) -> np.ndarray:
+        """The artifact's indices of original user ids (UnknownUsers names those it lacks)."""
+        index = [self._user_index.get(u) for u in user_ids]
+        unknown = [u for u, i in zip(user_ids, index) if i is None]
+        if unknown:
+            raise UnknownUsers(unknown)
+        return np.asarray(index, dtype=np.int64)
+
+    def check_k(self, k: Any) -> int:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not \
+                1 <= k <= self.num_items:
+            raise ValueError(f"k={k!r}: must be an integer in [1, {self.num_items}] (the items)")
+        return int(k)
+
+    @torch.no_grad()
+    def top_items(self, users: np.ndarray, k: int, exclude_train: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, items) (len(users), k) of the users (indices), best first; excluded items
+        score -inf."""
+        side = self.user_vectors[torch.from_numpy(users)]
+        counts = self.indptr[users + 1] - self.indptr[users]
+        rows = torch.from_numpy(np.repeat(np.arange(len(users)), counts))
+        excluded = torch.from_numpy(np.concatenate(
+            [self.positives[self.indptr[u]:self.indptr[u + 1]] for u in users])
+            if exclude_train and len(users) else np.empty(0, np.int64))
+        rows = rows if exclude_train else rows[:0]
+        top_scores = torch.full((len(users), 0), -torch.inf)
+        top_items = torch.zeros((len(users), 0), dtype=torch.int64)
+        for start in range(0, self.num_items, ITEM_BLOCK):
+            stop = min(start + ITEM_BLOCK, self.num_items)
+            scores = side @ self.item_vectors[start:stop].T
+            here = (excluded >= start) & (excluded < stop)
+            scores[rows[here], excluded[here] - start] = -torch.inf
+            merged = torch.cat([top_scores, scores], 1)
+            candidates = torch.cat([top_items,
+                                    torch.arange(start, stop).expand(len(users), -1)], 1)
+            top_scores, where = merged.topk(min(k, merged.shape[1]), dim=1)
+            top_items = candidates.gather(1, where)
+        return top_scores, top_items
+
+    def recommend(self, user_ids: Sequence, k: int = 20,
+                  exclude_train: bool = True) -> Recommendations:
+        """The top `k` items of each of `user_ids` (original ids), best first."""
+        k = self.check_k(k)
+        users = self.users_of(list(user_ids))
+        scores, items = self.top_items(users, k, exclude_train)
+        keep = torch.isfinite(scores)
+        return Recommendations(
+            list(user_ids),
+            [[self.item_ids[i] for i in row[ok].tolist()] for row, ok in zip(items, keep)],
+            [row[ok].tolist() for row, ok in zip(scores, keep)])
+
+
+def load(path: str | Path) -> ExportedModel:
+    """The artifact at `path` (checked against its checksums), ready to recommend."""
+    return ExportedModel(read_artifact(Path(path)))
