@@ -14,6 +14,9 @@ statistics):
     dimensions (block_shard.py), stored row after row in `T.blocks` (active blocks, block).
 - `positives.safetensors`: every user's distinct training items (CSR: `indptr`, `items`), the
   items a recommendation excludes (and LightGCN's graph, see dsl_dist/inference.py).
+- `propagated.safetensors` (LightGCN, unless exported without): the final `user` and `item`
+  embeddings, propagated at export time as the run propagated them; dense whatever the masks
+  (each is a sum of many rows), so they are a serving cache outside the weights' byte bound.
 - `ids.json`: the original user and item ids of the data set (`users[i]` is user i).
 - `artifact.json`: the model's kind, dimensions and settings, the data set's counts, the byte
   accounting, and a SHA-256 of every other file, checked on reading.
@@ -27,7 +30,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -36,6 +39,7 @@ FORMAT = 1
 META = "artifact.json"
 WEIGHTS = "weights.safetensors"
 POSITIVES = "positives.safetensors"
+PROPAGATED = "propagated.safetensors"
 IDS = "ids.json"
 LAYOUTS = ("dense", "bitmask", "csr", "blocks")
 BYTES_PER_WEIGHT = 4
@@ -156,15 +160,20 @@ def sha256(path: Path) -> str:
 
 
 def write_artifact(directory: Path, meta: dict[str, Any], tables: dict[str, EncodedTable],
-                   positives: tuple[np.ndarray, np.ndarray], ids: dict[str, list]) -> dict:
+                   positives: tuple[np.ndarray, np.ndarray], ids: dict[str, list],
+                   propagated: Optional[dict[str, np.ndarray]] = None) -> dict:
     """Writes an artifact into the empty `directory`; returns its artifact.json."""
     save_file({f"{name}.{key}": value for name, table in tables.items()
                for key, value in table.tensors.items()}, str(directory / WEIGHTS))
     indptr, items = positives
     save_file({"indptr": indptr, "items": items}, str(directory / POSITIVES))
     (directory / IDS).write_text(json.dumps(ids))
+    names = [WEIGHTS, POSITIVES, IDS]
+    if propagated is not None:
+        save_file(propagated, str(directory / PROPAGATED))
+        names.append(PROPAGATED)
     files = {name: {"sha256": sha256(directory / name), "bytes": (directory / name).stat().st_size}
-             for name in (WEIGHTS, POSITIVES, IDS)}
+             for name in names}
     full = {"format": FORMAT, **meta,
             "tables": {name: t.describe() for name, t in tables.items()},
             "files": files}
@@ -174,13 +183,14 @@ def write_artifact(directory: Path, meta: dict[str, Any], tables: dict[str, Enco
 
 @dataclass(frozen=True)
 class Artifact:
-    """An artifact as read: its meta (artifact.json), tables, positives (indptr, items) and
-    original ids."""
+    """An artifact as read: its meta (artifact.json), tables, positives (indptr, items),
+    original ids and LightGCN's propagated embeddings (user, item) if it has them."""
 
     meta: dict[str, Any]
     tables: dict[str, EncodedTable]
     positives: tuple[np.ndarray, np.ndarray]
     ids: dict[str, list]
+    propagated: Optional[dict[str, np.ndarray]] = None
 
 
 def read_artifact(directory: Path) -> Artifact:
@@ -207,5 +217,7 @@ def read_artifact(directory: Path) -> Artifact:
                                   if key.split(".", 1)[0] == name}, info.get("block", 0))
               for name, info in meta["tables"].items()}
     positives = load_file(str(directory / POSITIVES))
+    propagated = (load_file(str(directory / PROPAGATED)) if PROPAGATED in meta["files"]
+                  else None)
     return Artifact(meta, tables, (positives["indptr"], positives["items"]),
-                    json.loads((directory / IDS).read_text()))
+                    json.loads((directory / IDS).read_text()), propagated)

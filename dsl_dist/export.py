@@ -31,14 +31,15 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from dsl_dist.artifact import (EncodedTable, encode_blocks, encode_dense, encode_masked, narrow,
-                               weight_bound, write_artifact)
+from dsl_dist.artifact import (EncodedTable, decode, encode_blocks, encode_dense, encode_masked,
+                               narrow, weight_bound, write_artifact)
 from dsl_dist.checkpoint import CheckpointError, complete_checkpoints, fingerprint, read_meta
 from dsl_dist.config import JobConfig
 from dsl_dist.data.errors import DataError
-from dsl_dist.data.graph import read_graph
+from dsl_dist.data.graph import InteractionGraph, load_propagation_bags, read_graph
 from dsl_dist.data.manifest import Manifest
 from dsl_dist.data.prepare import move_into_place
+from dsl_dist.inference import lightgcn_embeddings
 
 EXPORTED_MODELS = ("mf", "lightgcn")
 TABLES = ("user", "item")
@@ -140,11 +141,25 @@ def encode_tables(cfg: JobConfig, tensors: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
-def train_positives(dataset_dir: Path, num_users: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every user's distinct training items, sorted (CSR: indptr (users + 1), items)."""
-    graph = read_graph(dataset_dir)
+def train_positives(graph: InteractionGraph, num_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every user's distinct training items, sorted (CSR: indptr (users + 1), items), from
+    the training graph (its distinct edges, sorted)."""
     indptr = np.concatenate([[0], np.cumsum(np.bincount(graph.users, minlength=num_users))])
     return narrow(indptr, len(graph.items)), narrow(graph.items, max(graph.num_items - 1, 0))
+
+
+def propagated_embeddings(cfg: JobConfig, dataset_dir: Path, graph: InteractionGraph,
+                          tables: dict[str, EncodedTable]) -> dict[str, np.ndarray]:
+    """LightGCN's final user and item embeddings, propagated as the run did (with `bags`, from
+    the data set's cached bags, which the run built)."""
+    g = cfg.model.lightgcn
+    bags = (load_propagation_bags(dataset_dir, g.num_layers, g.max_neighbours)
+            if g.propagation == "bags" else None)
+    users, items = lightgcn_embeddings(
+        torch.from_numpy(decode(tables["user"])), torch.from_numpy(decode(tables["item"])),
+        graph, {"num_layers": g.num_layers, "propagation": g.propagation,
+                "max_neighbours": g.max_neighbours}, bags)
+    return {"user": users.numpy(), "item": items.numpy()}
 
 
 def original_ids(dataset_dir: Path, manifest: Manifest) -> dict[str, list]:
@@ -181,10 +196,12 @@ def describe(cfg: JobConfig, manifest: Manifest, checkpoint: Path,
 
 
 def export(source: Path, out: Path, *, overwrite: bool = False,
-           config: Optional[Path] = None, data: Optional[Path] = None) -> dict[str, Any]:
+           config: Optional[Path] = None, data: Optional[Path] = None,
+           propagated: bool = True) -> dict[str, Any]:
     """Writes the artifact of `source` (a run or checkpoint directory) to `out`; returns its
     artifact.json. An existing non-empty `out` is replaced only with `overwrite`, and only once
-    the new artifact is complete."""
+    the new artifact is complete. `propagated`: store LightGCN's propagated embeddings (else
+    loading computes them)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise ExportError(f"--out {out}: exists and is not an empty directory; pass "
@@ -205,9 +222,12 @@ def export(source: Path, out: Path, *, overwrite: bool = False,
     staging = out.with_name(f".{out.name}-{uuid.uuid4().hex[:12]}")
     staging.mkdir()
     try:
+        graph = read_graph(dataset_dir)
+        final = (propagated_embeddings(cfg, dataset_dir, graph, tables)
+                 if propagated and cfg.model.name == "lightgcn" else None)
         written = write_artifact(staging, meta, tables,
-                                 train_positives(dataset_dir, manifest.num_users),
-                                 original_ids(dataset_dir, manifest))
+                                 train_positives(graph, manifest.num_users),
+                                 original_ids(dataset_dir, manifest), final)
         move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -218,11 +238,13 @@ def summary(meta: dict[str, Any]) -> str:
     b, files = meta["bytes"], meta["files"]
     weights = files["weights.safetensors"]["bytes"]
     total = sum(f["bytes"] for f in files.values())
+    others = ", ".join(f"{name} {f['bytes']:,} B" for name, f in files.items()
+                       if name != "weights.safetensors")
     return (f"{meta['model']['name']} ({meta['sparsity']['name']}): {b['active_weights']:,} "
             f"active weights × {b['bytes_per_weight']} B + {b['index_bytes']:,} B index = "
             f"{b['needed_bytes']:,} B (bound 1.2× = {b['bound_bytes']:,} B); "
             f"weights.safetensors {weights:,} B ({weights / b['needed_bytes']:.3f}×); "
-            f"with training positives and ids {total:,} B")
+            f"besides the weights: {others}; {total:,} B in all")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -234,10 +256,13 @@ def main(argv: Optional[list[str]] = None) -> None:
                         "directory's)")
     parser.add_argument("--data", type=Path, help="the prepared data set (default: the run's "
                         "data.path)")
+    parser.add_argument("--no-propagated", action="store_true", help="LightGCN: leave out the "
+                        "propagated embeddings (smaller; loading computes them, which takes "
+                        "minutes on a large graph)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         meta = export(args.source, args.out, overwrite=args.overwrite, config=args.config,
-                      data=args.data)
+                      data=args.data, propagated=not args.no_propagated)
     except (ExportError, CheckpointError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -3,11 +3,13 @@
 Scoring is exact: a user's score of every item is the dot product of their final embeddings,
 and the top K come from a full ranking (items scored a block at a time with a running top K),
 with the user's training items excluded as in the run's evaluation. MF's final embeddings
-are its tables. LightGCN's are propagated here, once at load time, from the layer-0 tables
-and the training graph the artifact keeps (its positives): with the run's own propagation
-(`bags`: the same truncated propagation bags the run trained and evaluated with, computed by
-the same code from the same edges; `full`: the exact sum of powers of the normalised
-adjacency), so the artifact stores sparse layer-0 weights only.
+are its tables. LightGCN's are propagated with the run's own propagation (`bags`: the
+truncated propagation bags the run trained and evaluated with; `full`: the exact sum of powers
+of the normalised adjacency): at export time by default, from the data set's cached bags, and
+stored in the artifact (`propagated.safetensors`); for an artifact exported without them, here
+at load time, from the layer-0 tables and the training graph the artifact keeps (its
+positives), with the same code on the same edges (computing bags takes minutes on a large
+graph).
 
 Example::
 
@@ -20,14 +22,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.nn import functional
 
 from dsl_dist.artifact import Artifact, decode, read_artifact
-from dsl_dist.data.graph import CSRBags, InteractionGraph, propagation_bags
+from dsl_dist.data.graph import CSRBags, InteractionGraph, PropagationBags, propagation_bags
 from dsl_dist.model.lightgcn import propagate
 
 ITEM_BLOCK = 1 << 16
@@ -63,14 +65,17 @@ def _bag_sum(bags: CSRBags, table: torch.Tensor) -> torch.Tensor:
 
 
 def lightgcn_embeddings(users: torch.Tensor, items: torch.Tensor, graph: InteractionGraph,
-                        settings: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+                        settings: dict[str, Any], bags: Optional[PropagationBags] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """LightGCN's final (user, item) embeddings from its layer-0 tables, propagated as the run
-    did (`settings`: num_layers, propagation, max_neighbours)."""
+    did (`settings`: num_layers, propagation, max_neighbours; `bags`: the graph's propagation
+    bags if at hand, else computed from `graph`)."""
     layers = settings["num_layers"]
     if settings["propagation"] == "full":
         final = propagate(graph.normalized_adjacency(), torch.cat([users, items]), layers)
         return final[:len(users)], final[len(users):]
-    bags = propagation_bags(graph, layers, settings["max_neighbours"])
+    if bags is None:
+        bags = propagation_bags(graph, layers, settings["max_neighbours"])
     alpha = bags.self_weight
     return (alpha * users + _bag_sum(bags.user_to_users, users)
             + _bag_sum(bags.user_to_items, items),
@@ -91,7 +96,9 @@ class ExportedModel:
         self.user_ids, self.item_ids = artifact.ids["users"], artifact.ids["items"]
         self._user_index = {raw: index for index, raw in enumerate(self.user_ids)}
         users, items = (torch.from_numpy(decode(artifact.tables[t])) for t in ("user", "item"))
-        if meta["name"] == "lightgcn":
+        if artifact.propagated is not None:
+            users, items = (torch.from_numpy(artifact.propagated[t]) for t in ("user", "item"))
+        elif meta["name"] == "lightgcn":
             graph = InteractionGraph(self.num_users, self.num_items,
                                      np.repeat(np.arange(self.num_users), np.diff(self.indptr)),
                                      self.positives)
