@@ -83,11 +83,31 @@ def lightgcn_embeddings(users: torch.Tensor, items: torch.Tensor, graph: Interac
             + _bag_sum(bags.item_to_items, items))
 
 
+class ApproximateIndex:
+    """A FAISS HNSW graph over the item embeddings (inner product), for catalogues too large
+    to score whole: a search visits about `ef_search` candidates per user, not every item."""
+
+    def __init__(self, items: torch.Tensor, neighbours: int = 32, ef_search: int = 256) -> None:
+        import faiss  # optional: only this index needs it
+
+        self.index = faiss.IndexHNSWFlat(items.shape[1], neighbours, faiss.METRIC_INNER_PRODUCT)
+        self.index.hnsw.efSearch = ef_search
+        self.index.add(items.numpy())
+
+    def search(self, side: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, items) of the (about) k best items of each row of `side`; missing ones
+        score -inf."""
+        scores, items = self.index.search(side.numpy(), k)
+        scores, items = torch.from_numpy(scores), torch.from_numpy(items)
+        return scores.masked_fill(items < 0, -torch.inf), items.clamp(min=0)
+
+
 class ExportedModel:
     """An artifact ready to score: the final user and item embeddings, the training positives
-    to exclude and the id maps."""
+    to exclude and the id maps; with `approximate`, a FAISS index ranks instead of the exact
+    full ranking."""
 
-    def __init__(self, artifact: Artifact) -> None:
+    def __init__(self, artifact: Artifact, approximate: bool = False) -> None:
         meta = artifact.meta["model"]
         self.meta = artifact.meta
         self.num_users, self.num_items = meta["num_users"], meta["num_items"]
@@ -104,6 +124,7 @@ class ExportedModel:
                                      self.positives)
             users, items = lightgcn_embeddings(users, items, graph, meta["lightgcn"])
         self.user_vectors, self.item_vectors = users.contiguous(), items.contiguous()
+        self.index = ApproximateIndex(self.item_vectors) if approximate else None
 
     def users_of(self, user_ids: Sequence) -> np.ndarray:
         """The artifact's indices of original user ids (UnknownUsers names those it lacks)."""
@@ -131,6 +152,8 @@ class ExportedModel:
             [self.positives[self.indptr[u]:self.indptr[u + 1]] for u in users])
             if exclude_train and len(users) else np.empty(0, np.int64))
         rows = rows if exclude_train else rows[:0]
+        if self.index is not None:
+            return self._approximate(side, rows, excluded, k)
         top_scores = torch.full((len(users), 0), -torch.inf)
         top_items = torch.zeros((len(users), 0), dtype=torch.int64)
         for start in range(0, self.num_items, ITEM_BLOCK):
@@ -145,6 +168,17 @@ class ExportedModel:
             top_items = candidates.gather(1, where)
         return top_scores, top_items
 
+    def _approximate(self, side: torch.Tensor, rows: torch.Tensor, excluded: torch.Tensor,
+                     k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The index's top k + (most excluded items of a user), the excluded ones dropped."""
+        most = int(torch.bincount(rows, minlength=len(side)).max()) if len(rows) else 0
+        scores, items = self.index.search(side, min(k + most, self.num_items))
+        keys = (torch.arange(len(side))[:, None] * self.num_items + items).numpy()
+        seen = np.isin(keys, (rows * self.num_items + excluded).numpy())
+        scores = scores.masked_fill(torch.from_numpy(seen), -torch.inf)
+        top_scores, where = scores.topk(k, dim=1)
+        return top_scores, items.gather(1, where)
+
     def recommend(self, user_ids: Sequence, k: int = 20,
                   exclude_train: bool = True) -> Recommendations:
         """The top `k` items of each of `user_ids` (original ids), best first."""
@@ -158,6 +192,7 @@ class ExportedModel:
             [row[ok].tolist() for row, ok in zip(scores, keep)])
 
 
-def load(path: str | Path) -> ExportedModel:
-    """The artifact at `path` (checked against its checksums), ready to recommend."""
-    return ExportedModel(read_artifact(Path(path)))
+def load(path: str | Path, approximate: bool = False) -> ExportedModel:
+    """The artifact at `path` (checked against its checksums), ready to recommend; with
+    `approximate`, through a FAISS index (`faiss-cpu`) instead of exact full ranking."""
+    return ExportedModel(read_artifact(Path(path)), approximate)

@@ -213,3 +213,17 @@ def test_lightgcn_propagated_at_load_time_equals_at_export(lastfm_runs: dict[str
     assert not torch.allclose(computed.user_vectors,
                               torch.from_numpy(decode(read_artifact(tmp_path / "bare")
                                                       .tables["user"])), atol=1e-3)
+
+
+def test_the_faiss_index_finds_most_of_the_exact_top20(lastfm_artifacts: dict[str, Path]
+                                                       ) -> None:
+    exact = load(lastfm_artifacts["mf-dsl"])
+    approximate = load(lastfm_artifacts["mf-dsl"], approximate=True)
+    users = np.arange(0, exact.num_users, 4)
+    _, truth = exact.top_items(users, 20)
+    _, found = approximate.top_items(users, 20)
+    recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / 20 for a, b in zip(truth, found)])
+    assert recall >= 0.9
+    for user, items in zip(users, found):
+        seen = set(exact.positives[exact.indptr[user]:exact.indptr[user + 1]].tolist())
+        assert not seen & set(items.tolist())
