@@ -1,7 +1,7 @@
 """Export and serving figures on gowalla at density 0.2 (issue 18).
 
     python benchmarks/export_serve.py [--epochs 2] [--mf RUN_DIR] [--lightgcn RUN_DIR]
-                                      [--duration 20] [--skip-serve]
+                                      [--models mf lightgcn] [--duration 20] [--skip-serve]
 
 1. Trains MF (`+experiment=mf_gowalla_dsl`) and LightGCN (`+experiment=lightgcn_gowalla
    sparsity=dsl`) at d=0.2 for `--epochs` epochs on 2 ranks, unless run directories are given.
@@ -193,20 +193,24 @@ def main() -> None:
     parser.add_argument("--lightgcn", type=Path, help="a LightGCN d=0.2 run (else trained)")
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--skip-serve", action="store_true")
     args = parser.parse_args()
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
     exports, runs = {}, {"mf": args.mf, "lightgcn": args.lightgcn}
-    for name, run_dir in runs.items():
+    for name in args.models:
+        run_dir = runs[name]
         overrides = None
         if run_dir is None:
             run_dir, overrides = train(name, args.epochs, args.data)
         exports[name] = export_figures(name, run_dir, REPO / "runs" / f"artifact-{name}-gowalla",
                                        overrides)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "export_gowalla.json").write_text(json.dumps(
-        {"machine": machine, "note": NOTE, "models": exports}, indent=2) + "\n")
+    path = RESULTS / "export_gowalla.json"
+    kept = json.loads(path.read_text())["models"] if path.exists() else {}  # other models'
+    path.write_text(json.dumps({"machine": machine, "note": NOTE,
+                                "models": {**kept, **exports}}, indent=2) + "\n")
     if not args.skip_serve:
         figures = serve_figures(REPO / "runs" / "artifact-mf-gowalla", args.duration,
                                 args.concurrency)

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
-import time
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -192,13 +193,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(application, name="dsl-dist", route_prefix="/")
     print(f"serving {args.artifact} on http://{args.host}:{args.port} "
-          "(POST /recommend, GET /healthz); Ctrl-C stops", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
-        ray.shutdown()
+          "(POST /recommend, GET /healthz); Ctrl-C or SIGTERM stops", flush=True)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # Ray replaces Python's SIGINT handler
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    print("stopping", flush=True)
+    serve.shutdown()
+    ray.shutdown()
 
 
 if __name__ == "__main__":
