@@ -45,3 +45,61 @@ def device() -> torch.device:
     if chosen.type == "cuda" and not torch.cuda.is_available():
         pytest.fail(f"DSL_TEST_DEVICE={chosen}: torch sees no CUDA device")
     return chosen
+
+
+EXPORT_STEPS = ["train.max_steps=12", "checkpoint.every=0", "eval.every_epochs=0"]
+EXPORT_RUNS = {
+    "mf-dense": ["model=mf", "sparsity=dense"],
+    "mf-dsl": ["model=mf", "sparsity=dsl", "sparsity.density=0.2", "sparsity.delta_t=4",
+               "model.sharding_type=row_wise"],
+    "mf-block_dsl": ["model=mf", "sparsity=block_dsl", "sparsity.density=0.25",
+                     "sparsity.delta_t=4", "model.sharding_type=row_wise"],
+    "lightgcn-dense": ["model=lightgcn", "sparsity=dense", "model.lightgcn.propagation=full"],
+    "lightgcn-dsl": ["model=lightgcn", "sparsity=dsl", "sparsity.density=0.2",
+                     "sparsity.delta_t=4", "model.sharding_type=column_wise"],
+}
+"""Short 2-rank lastfm runs that tests/test_export.py and tests/test_serve.py export and serve:
+MF and LightGCN (full and bags propagation), dense, weight-level and block-level DSL."""
+
+
+@pytest.fixture(scope="session")
+def lastfm_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The EXPORT_RUNS trained on one prepared lastfm (prepared by the first run, then the
+    others three at a time), by name: their run directories."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_launchers import environment
+
+    if not (SHARED_DATA / "lastfm").is_dir():
+        pytest.skip("shared data not present")
+    root = tmp_path_factory.mktemp("export-runs")
+    prepared = root / "lastfm"
+
+    def train(name: str) -> Path:
+        run_dir = root / name
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+             "2", "-m", "dsl_dist.train", f"data.source={SHARED_DATA / 'lastfm'}",
+             f"data.path={prepared}", *EXPORT_STEPS, *EXPORT_RUNS[name], f"run_dir={run_dir}"],
+            cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{name}: {done.stderr[-3000:]}"
+        return run_dir
+
+    names = list(EXPORT_RUNS)
+    runs = {names[0]: train(names[0])}
+    with ThreadPoolExecutor(3) as pool:
+        runs.update(zip(names[1:], pool.map(train, names[1:])))
+    return runs
+
+
+@pytest.fixture(scope="session")
+def lastfm_artifacts(lastfm_runs: dict[str, Path],
+                     tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every run of `lastfm_runs` exported (in this process), by name."""
+    from dsl_dist.export import export
+
+    root = tmp_path_factory.mktemp("artifacts")
+    for name, run_dir in lastfm_runs.items():
+        export(run_dir, root / name)
+    return {name: root / name for name in lastfm_runs}
