@@ -41,8 +41,11 @@ def free_port() -> int:
 
 def environment(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # RAY_AUTH_MODE: a local ray.init() (test_controller's, test_serve's) leaves a token in
+    # ~/.ray/auth_token, and `ray start` then turns token auth on, which these loopback
+    # clusters' dashboard requests (401) and job clients would need; the tests opt out.
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
-               **extra)
+               RAY_AUTH_MODE="disabled", **extra)
     return env
 
 
