@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsl_dist.sparsity.fastops import (any_per_row, compress, flat_nonzero, multiply_rows_,
-                                       pack_bits, unpack_bits)
+from dsl_dist.sparsity.fastops import (compress, flat_nonzero, multiply_rows_, pack_bits,
+                                       popcount, unpack_bits, zero_where_)
 
 pytestmark = pytest.mark.cuda
 
@@ -20,7 +20,7 @@ def test_bool_primitives_match_torch(device: torch.device) -> None:
         assert torch.equal(flat_nonzero(mask).cpu(), torch.nonzero(host.view(-1)).view(-1))
         assert torch.equal(flat_nonzero(mask.t()).cpu(),
                            torch.nonzero(host.t().reshape(-1)).view(-1))
-        assert torch.equal(any_per_row(mask).cpu(), host.any(1))
+        assert popcount(pack_bits(mask)) == int(host.sum())
         values = torch.randint(-5, 5, (mask.numel(),), generator=generator, dtype=torch.int32)
         assert torch.equal(compress(values.to(device), mask.view(-1)).cpu(),
                            values[host.view(-1)])
@@ -50,3 +50,17 @@ def test_bits_pack_eight_columns_a_byte_and_unpack_exactly(device: torch.device)
         assert torch.equal(packed.cpu(), pack_bits(host))  # the device packs as NumPy does
         assert torch.equal(unpack_bits(packed, cols).cpu(), host)
         assert int(packed[0, 0]) >> 7 == int(host[0, 0])  # first column, high bit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_zero_where_zeroes_exactly_the_marked_entries(dtype: torch.dtype,
+                                                      device: torch.device) -> None:
+    generator = torch.Generator().manual_seed(2)
+    for cols in (1, 7, 8, 13):
+        host = torch.randn(40, cols, generator=generator).to(dtype)
+        marked = torch.rand(40, cols, generator=generator) < 0.4
+        values = host.to(device)
+        zero_where_(values[5:], pack_bits(marked[5:].to(device)))  # a view, as chunks are
+        expected = host.clone()
+        expected[5:][marked[5:]] = 0
+        assert torch.equal(values.cpu(), expected), cols

@@ -9,60 +9,89 @@ import pytest
 import torch
 
 from dsl_dist.sparsity import streaming
+from dsl_dist.sparsity.fastops import pack_bits, unpack_bits
 from dsl_dist.sparsity.selection import local_counts, select_extreme
 from dsl_dist.sparsity.streaming import Chunk, select_streaming
 from test_selection import simulate_ranks, tied_scores, unique_positions
 
 
 class Chunked:
-    """Candidates held whole, visited in chunks of `size`."""
+    """Candidates held whole, laid out in rows of `cols` entries (the last row padded with
+    entries that take no part) and visited `rows` rows a chunk."""
 
     def __init__(self, scores: torch.Tensor, positions: torch.Tensor,
-                 candidates: Optional[torch.Tensor], size: int) -> None:
-        self.scores, self.positions, self.candidates, self.size = (scores, positions,
-                                                                   candidates, size)
+                 candidates: Optional[torch.Tensor], rows: int, cols: int = 1,
+                 absolute: bool = False) -> None:
+        self.n, self.rows, self.cols, self.absolute = len(scores), rows, cols, absolute
+        pad = -self.n % cols
+        if pad and candidates is None:
+            candidates = torch.ones(self.n, dtype=torch.bool, device=scores.device)
+        self.scores = torch.nn.functional.pad(scores, (0, pad)).view(-1, cols)
+        self.positions = positions
+        self.candidates = None if candidates is None else pack_bits(
+            torch.nn.functional.pad(candidates, (0, pad)).view(-1, cols))
 
     def chunks(self) -> Iterator[Chunk]:
-        for start in range(0, len(self.scores), self.size):
-            stop = start + self.size
-            yield Chunk(start, self.scores[start:stop],
-                        None if self.candidates is None else self.candidates[start:stop])
+        for start in range(0, len(self.scores), self.rows):
+            rows = slice(start, start + self.rows)
+            yield Chunk(start * self.cols, self.scores[rows],
+                        None if self.candidates is None else self.candidates[rows],
+                        self.absolute)
 
     def tie_keys(self, flat: torch.Tensor) -> torch.Tensor:
         return self.positions[flat]
 
     def chosen(self, selection: streaming.Selection) -> torch.Tensor:
-        parts = [selection.chosen(c, self.tie_keys) for c in self.chunks()]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool,
-                                                          device=self.scores.device)
+        parts = [unpack_bits(selection.chosen(c, self.tie_keys), self.cols).reshape(-1)
+                 for c in self.chunks()]
+        chosen = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool,
+                                                            device=self.scores.device)
+        return chosen[:self.n]
+
+
+@pytest.fixture(params=[True, False], ids=["fused", "torch"])
+def fused(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both implementations of the passes over a chunk (only torch's off the CPU)."""
+    monkeypatch.setattr(streaming, "FUSED", request.param)
+    return request.param
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("held", [True, False])
-def test_streaming_chooses_what_select_extreme_chooses(held: bool, device: torch.device,
+def test_streaming_chooses_what_select_extreme_chooses(held: bool, fused: bool,
+                                                       device: torch.device,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(streaming, "TIES_HELD", 1 << 21 if held else 0)
+    monkeypatch.setattr(streaming, "TIE_MEMORY", 32 << 20 if held else 0)
     generator = torch.Generator().manual_seed(3)
-    for trial in range(16):
+    for trial in range(24):
         n = int(torch.randint(1, 300, (1,), generator=generator))
         scores = tied_scores(n, generator)
-        positions = unique_positions(n, generator, [62, 20, 9][trial % 3])
+        if trial % 4 == 3:  # the growth statistic's dtype
+            scores = scores.bfloat16()
+        absolute = trial % 3 == 1  # magnitudes read from the weights themselves
+        position_bits = [62, 20, 9][trial % 3]  # tie keys held as int64 or int32
+        positions = unique_positions(n, generator, position_bits)
         candidates = None if trial % 2 else torch.rand(n, generator=generator) < 0.6
         total = n if candidates is None else int(candidates.sum())
-        size = int(torch.randint(1, 64, (1,), generator=generator))
+        cols = [1, 3, 8, 11][trial % 4]
+        rows = int(torch.randint(1, 64, (1,), generator=generator))
         for largest in (True, False):
             for k in sorted({0, 1, total // 2, total,
                              int(torch.randint(total + 1, (1,), generator=generator))}):
-                expected = select_extreme(scores, positions, k, largest=largest,
-                                          reduce_counts=local_counts, candidates=candidates)
+                expected = select_extreme(scores.abs() if absolute else scores, positions, k,
+                                          largest=largest, reduce_counts=local_counts,
+                                          candidates=candidates)
                 source = Chunked(scores.to(device), positions.to(device),
-                                 None if candidates is None else candidates.to(device), size)
-                selection = select_streaming(source, k, largest=largest,
-                                             reduce_counts=local_counts, position_bits=62)
+                                 None if candidates is None else candidates.to(device),
+                                 rows, cols, absolute)
+                selection = select_streaming(
+                    source, k, largest=largest, reduce_counts=local_counts,
+                    position_bits=position_bits,
+                    score_bits=16 if scores.dtype == torch.bfloat16 else 32)
                 assert torch.equal(source.chosen(selection).cpu(), expected), (trial, largest, k)
 
 
-def test_ranks_choose_together_what_one_chooses() -> None:
+def test_ranks_choose_together_what_one_chooses(fused: bool) -> None:
     generator = torch.Generator().manual_seed(4)
     n, world = 2000, 3
     scores, positions = tied_scores(n, generator), unique_positions(n, generator)
@@ -75,7 +104,7 @@ def test_ranks_choose_together_what_one_chooses() -> None:
                                   reduce_counts=local_counts, candidates=candidates)
 
         def rank(s: torch.Tensor, p: torch.Tensor, c: torch.Tensor, reduce) -> torch.Tensor:
-            source = Chunked(s, p, c, 97)
+            source = Chunked(s, p, c, 13, 8)
             return source.chosen(select_streaming(source, k, largest=largest,
                                                   reduce_counts=reduce, position_bits=62))
 
@@ -87,7 +116,7 @@ def test_ranks_choose_together_what_one_chooses() -> None:
         assert torch.equal(chosen, expected) and int(chosen.sum()) == k
 
 
-def test_bad_requests_are_refused() -> None:
+def test_bad_requests_are_refused(fused: bool) -> None:
     source = Chunked(torch.tensor([1.0, float("nan")]), torch.tensor([0, 1]), None, 1)
     with pytest.raises(ValueError, match="NaN"):
         select_streaming(source, 1, largest=True, reduce_counts=local_counts, position_bits=4)

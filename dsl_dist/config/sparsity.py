@@ -78,7 +78,9 @@ class SparsityConfig:
     differs from float32's only between scores within 0.4% of each other) or float32."""
     update_memory_mb: int = 64
     """dsl: the working memory of an update's passes over the shards, per rank: each pass
-    holds the temporaries of about this many MiB of weights' worth of chunk at a time."""
+    holds the temporaries of about this many MiB of weights' worth of chunk at a time, and a
+    selection holds its candidates tied at the threshold (8 or 16 bytes each) when they fit
+    in it, instead of streaming over them again."""
     block: BlockConfig = field(default_factory=BlockConfig)
 
     def validate(self, max_steps: Optional[int] = None) -> None:

@@ -15,16 +15,18 @@ from dsl_dist.sparsity.masks import POSITION_SCRAMBLE, MaskedShard
 from dsl_dist.sparsity.streaming import Chunk
 
 Entries = Callable[[MaskedShard, slice], tuple[torch.Tensor, Optional[torch.Tensor]]]
-"""(scores, candidates or None), each (rows, cols), of a chunk of a shard's rows."""
+"""(scores (rows, cols), packed candidates (rows, ceil(cols / 8)) or None) of a chunk of a
+shard's rows (see streaming.Chunk)."""
 
 
 class ShardCandidates:
-    """The candidates `entries` gives over `shards` (the ones this rank offers)."""
+    """The candidates `entries` gives over `shards` (the ones this rank offers), scored by
+    the absolute value of what it gives if `absolute`."""
 
     def __init__(self, shards: list[MaskedShard], entries: Entries, elements: int,
-                 position_bits: int) -> None:
+                 position_bits: int, absolute: bool = False) -> None:
         self.shards, self.entries, self.elements = shards, entries, elements
-        self.position_bits = position_bits
+        self.position_bits, self.absolute = position_bits, absolute
         sizes = [s.num_rows * s.num_cols for s in shards]
         self.starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
 
@@ -32,8 +34,8 @@ class ShardCandidates:
         """The chunk of rows `rows` of the `index`-th shard."""
         shard = self.shards[index]
         scores, candidates = self.entries(shard, rows)
-        return Chunk(self.starts[index] + rows.start * shard.num_cols, scores.reshape(-1),
-                     None if candidates is None else candidates.reshape(-1))
+        return Chunk(self.starts[index] + rows.start * shard.num_cols, scores, candidates,
+                     self.absolute)
 
     def shard_chunks(self) -> Iterator[tuple[int, slice]]:
         for index, shard in enumerate(self.shards):

@@ -31,12 +31,11 @@ from dsl_dist.model.shards import DenseBlock, WeightBlock, dense_blocks, local_t
 from dsl_dist.sparsity.base import Controller, SparsityMethod, SparsitySetup
 from dsl_dist.sparsity.budget import Group, budget_groups, position_bases
 from dsl_dist.sparsity.candidates import ShardCandidates
-from dsl_dist.sparsity.fastops import any_per_row, pack_bits, unpack_bits
+from dsl_dist.sparsity.fastops import pack_bits, popcount, zero_where_
 from dsl_dist.sparsity.growth import GrowthRecorder
-from dsl_dist.sparsity.masks import POSITION_SCRAMBLE, MaskedShard, uniform_hash
+from dsl_dist.sparsity.masks import MaskedShard, uniform_hash
 from dsl_dist.sparsity.streaming import Selection, select_streaming
 
-_DIGEST_BITS = 32
 _BYTES_PER_ENTRY = 32
 """Temporaries of a pass per weight of its chunk (keys, scores, masks, positions)."""
 
@@ -95,6 +94,7 @@ class DynamicSparseTraining(SparsityMethod):
         self.position_bits = max(1, sum(sizes.values()).bit_length())
         self.elements = max(1 << 12, (cfg.update_memory_mb << 20) // _BYTES_PER_ENTRY)
         growth_dtype = getattr(torch, cfg.growth_dtype)
+        self.growth_bytes = growth_dtype.itemsize
         self.shards = [MaskedShard(b, bases[b.table], growth_dtype) for b in blocks]
         self.recorder = GrowthRecorder(self.shards, ctx.world_size,
                                        mask_gradients=(cfg.mask_gradients and
@@ -113,14 +113,27 @@ class DynamicSparseTraining(SparsityMethod):
     def _members(self, group: Group) -> list[MaskedShard]:
         return [s for s in self.shards if s.table in group.tables]
 
-    def _select(self, group: Group, k: int, largest: bool,
-                entries: Callable) -> tuple[ShardCandidates, Selection]:
+    def _select(self, group: Group, k: int, largest: bool, entries: Callable,
+                absolute: bool = False, score_bits: int = 32
+                ) -> tuple[ShardCandidates, Selection]:
         """The k extreme candidates of `group` over all ranks, and this rank's candidates."""
         source = ShardCandidates([s for s in self._members(group) if self._offers(s)],
-                                 entries, self.elements, self.position_bits)
+                                 entries, self.elements, self.position_bits, absolute)
         return source, select_streaming(source, k, largest=largest,
                                         reduce_counts=self.ctx.all_reduce_sum,
-                                        position_bits=self.position_bits)
+                                        position_bits=self.position_bits,
+                                        score_bits=score_bits,
+                                        tie_memory=self.cfg.update_memory_mb << 20)
+
+    def _chosen_bits(self, source: ShardCandidates, selection: Selection
+                     ) -> dict[int, torch.Tensor]:
+        """The selection's choice on this rank, a packed mask per offered shard (by id)."""
+        chosen = {id(s): torch.zeros_like(s.bits) for s in source.shards}
+        for index, rows in source.shard_chunks():
+            shard = source.shards[index]
+            chosen[id(shard)][rows] = selection.chosen(source.chunk(index, rows),
+                                                       source.tie_keys)
+        return chosen
 
     def _broadcast_replicated(self, group: Group, *packed: str) -> None:
         """Rank 0's `packed` bit tensors of the group's replicated shards, on every rank."""
@@ -136,11 +149,9 @@ class DynamicSparseTraining(SparsityMethod):
             source, chosen = self._select(
                 group, group.budget, False,
                 lambda s, rows: (uniform_hash(s.positions(rows), self.seed), None))
-            for index, rows in source.shard_chunks():
-                shard = source.shards[index]
-                shard.bits[rows] = pack_bits(chosen.chosen(source.chunk(index, rows),
-                                                           source.tie_keys)
-                                             .view(-1, shard.num_cols))
+            bits = self._chosen_bits(source, chosen)
+            for s in source.shards:
+                s.bits = bits[id(s)]
             self._broadcast_replicated(group, "bits")
             for s in self._members(group):
                 s.apply_(elements=self.elements)
@@ -170,16 +181,14 @@ class DynamicSparseTraining(SparsityMethod):
         moved = torch.zeros(3, dtype=torch.int64)  # dropped, grown, regrown (this rank)
         for group, k in zip(self.groups, self.controller.plan(step)):
             drops, drop = self._select(group, k, False,
-                                       lambda s, rows: (s.shard.weight[rows].abs(),
-                                                        s.mask_of(rows)))
-
-            def growable(s: MaskedShard, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-                """Inactive weights, and the active ones this update drops."""
-                dropped = drop.chosen(drops.chunk(drops.shards.index(s), rows), drops.tie_keys)
-                return s.growth[rows], ~s.mask_of(rows) | dropped.view(-1, s.num_cols)
-
-            grows, grow = self._select(group, k, True, growable)
-            moved += self._move(group, drops, drop, grows, grow)
+                                       lambda s, rows: (s.shard.weight[rows], s.bits[rows]),
+                                       absolute=True)
+            dropped = self._chosen_bits(drops, drop)
+            # growable: the inactive weights and the active ones this update drops
+            grows, grow = self._select(group, k, True, lambda s, rows: (
+                s.growth[rows], ~s.bits[rows] | dropped[id(s)][rows]),
+                score_bits=8 * self.growth_bytes)
+            moved += self._move(group, dropped, self._chosen_bits(grows, grow))
         for s in self.shards:
             s.growth.zero_()
         active, digest = self.active_per_table()
@@ -192,46 +201,44 @@ class DynamicSparseTraining(SparsityMethod):
         self.controller.record(record)
         return record
 
-    def _move(self, group: Group, drops: ShardCandidates, drop: Selection,
-              grows: ShardCandidates, grow: Selection) -> torch.Tensor:
-        """Applies the group's drop and grow: new masks (rank 0's for replicated shards),
-        reset optimizer state, pruned weights zeroed. Returns this rank's (dropped, grown,
+    def _move(self, group: Group, dropped: dict[int, torch.Tensor],
+              grown: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Applies the group's drop and grow (packed masks of the shards this rank offers):
+        new masks (rank 0's for replicated shards), reset optimizer state, dropped weights
+        zeroed (the others inactive are zero already: every step re-zeroes the rows it
+        updated, and grown weights start at zero). Returns this rank's (dropped, grown,
         regrown) counts."""
         moved = torch.zeros(3, dtype=torch.int64)
-        new_bits = {id(s): torch.empty_like(s.bits) for s in self._members(group)}
-        for index, rows in drops.shard_chunks():
-            s = drops.shards[index]
-            mask = s.mask_of(rows)
-            dropped = drop.chosen(drops.chunk(index, rows), drops.tie_keys).view_as(mask)
-            grown = grow.chosen(grows.chunk(index, rows), grows.tie_keys).view_as(mask)
-            regrown = grown & (s.dropped_of(rows) | dropped)
-            moved += torch.tensor([int(torch.count_nonzero(t)) for t in (dropped, grown,
-                                                                           regrown)])
-            s.dropped_bits[rows] |= pack_bits(dropped)
-            new_bits[id(s)][rows] = pack_bits((mask & ~dropped) | grown)
         for s in self._members(group):
+            old = s.bits
+            if id(s) in dropped:
+                drop, grow = dropped[id(s)], grown[id(s)]
+                moved += torch.tensor([popcount(drop), popcount(grow),
+                                       popcount(grow & (s.dropped_bits | drop))])
+                s.dropped_bits |= drop
+                new = (old & ~drop) | grow
+            else:
+                new = torch.empty_like(old)
             if s.shard.replicated:
-                self.ctx.broadcast_tensor(new_bits[id(s)])
+                self.ctx.broadcast_tensor(new)
                 self.ctx.broadcast_tensor(s.dropped_bits)
             for rows in s.row_chunks(self.elements):
-                new = unpack_bits(new_bits[id(s)][rows], s.num_cols)
                 if self.cfg.reset_optimizer_state:
-                    self._reset_optimizer_state(s, rows, s.mask_of(rows), new)
-                s.shard.weight[rows].mul_(new.view(torch.uint8))
-            s.bits = new_bits[id(s)]
+                    self._reset_optimizer_state(s, rows, old[rows], new[rows])
+                zero_where_(s.shard.weight[rows], old[rows] & ~new[rows])
+            s.bits = new
         return moved
 
     @staticmethod
     def _reset_optimizer_state(shard: MaskedShard, rows: slice, old: torch.Tensor,
                                new: torch.Tensor) -> None:
-        """Zeroes per-weight optimizer state where the mask changes; per-row state (row-wise
-        Adagrad) only for rows that had no active weight before, since it is shared with the
-        row's other, unchanged weights."""
-        unchanged = (new == old).view(torch.uint8)  # x * 0/1 beats masked_fill_
-        revived_rows = ~any_per_row(old) & any_per_row(new)
+        """Zeroes per-weight optimizer state where the (packed) mask changes; per-row state
+        (row-wise Adagrad) only for rows that had no active weight before, since it is shared
+        with the row's other, unchanged weights."""
+        revived_rows = (old == 0).all(1) & (new != 0).any(1)
         for state in shard.shard.optimizer_states():
             if state.numel() == shard.num_rows * shard.num_cols:
-                state.view(shard.num_rows, shard.num_cols)[rows].mul_(unchanged)
+                zero_where_(state.view(shard.num_rows, shard.num_cols)[rows], old ^ new)
             elif state.numel() == shard.num_rows:
                 state.view(-1)[rows].mul_((~revived_rows).view(torch.uint8))
 
@@ -245,10 +252,9 @@ class DynamicSparseTraining(SparsityMethod):
             if not self._offers(s):
                 continue
             for rows in s.row_chunks(self.elements):
-                active = s.positions(rows)[s.mask_of(rows)]
-                local[names.index(s.table)] += active.numel()
-                hashes = (active * POSITION_SCRAMBLE) >> (64 - _DIGEST_BITS)
-                local[-1] += int((hashes & ((1 << _DIGEST_BITS) - 1)).sum())
+                count, digest = s.active_digest(rows)
+                local[names.index(s.table)] += count
+                local[-1] += digest
         total = self.ctx.all_reduce_sum(local)
         return {name: int(total[i]) for i, name in enumerate(names)}, f"{int(total[-1]):x}"
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dsl_dist.sparsity import chunk_kernels
+
 
 def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
     """int64 indices of the True entries of a bool tensor, in its flattened (row-major) order."""
@@ -24,13 +26,6 @@ def compress(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     if values.device.type == "cpu":
         return torch.from_numpy(values.contiguous().numpy()[keep.numpy()])
     return values[keep]
-
-
-def any_per_row(mask: torch.Tensor) -> torch.Tensor:
-    """mask.any(1) for a 2-D bool tensor."""
-    if mask.device.type == "cpu":
-        return torch.from_numpy(mask.contiguous().numpy().any(1))
-    return mask.any(1)
 
 
 def multiply_rows_(weight: torch.Tensor, rows: torch.Tensor, factors: torch.Tensor) -> None:
@@ -64,6 +59,23 @@ def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
                                               count=cols).view(np.bool_))
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
     return ((packed[..., None] >> shifts) & 1).bool().view(packed.shape[0], -1)[:, :cols]
+
+
+def popcount(packed: torch.Tensor) -> int:
+    """The set bits of a packed mask."""
+    if packed.device.type == "cpu":
+        return int(np.bitwise_count(packed.numpy()).sum(dtype=np.int64))
+    return int(unpack_bits(packed.view(-1, 1), 8).sum())
+
+
+def zero_where_(values: torch.Tensor, packed: torch.Tensor) -> None:
+    """Zeroes the entries of a 2-D tensor whose bit is set in `packed` (its pack_bits
+    mask), in place; on CPU without unpacking the mask."""
+    if values.device.type == "cpu":
+        integers = {2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()]
+        chunk_kernels.zero_where(values.detach().view(integers).numpy(), packed.numpy())
+        return
+    values.mul_((~unpack_bits(packed, values.shape[1])).view(torch.uint8))
 
 
 def concat(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -13,11 +13,13 @@ from typing import ClassVar, Iterator
 import torch
 
 from dsl_dist.model.shards import WeightBlock
+from dsl_dist.sparsity import chunk_kernels
 from dsl_dist.sparsity.fastops import multiply_rows_, unpack_bits
 
 POSITION_SCRAMBLE = 0x9E3779B97F4A7C15 - (1 << 64)
 """splitmix64's golden-ratio constant as a signed int64. Odd, so multiplying by it permutes
 [0, 2**bits): tie-breaks and mask digests use it to scramble global positions."""
+DIGEST_BITS = 32
 _MIX_1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _MIX_2 = 0x94D049BB133111EB - (1 << 64)
 
@@ -105,6 +107,19 @@ class MaskedShard:
         rows = torch.div(flat, s.num_cols, rounding_mode="floor")
         return (self.base + s.col_offset + (rows + s.row_offset) * s.table_cols
                 + (flat - rows * s.num_cols))
+
+    def active_digest(self, rows: slice) -> tuple[int, int]:
+        """The active weights of `rows` and the sum of a 32-bit hash of each one's global
+        position (the top bits of position * POSITION_SCRAMBLE): a mask digest's share."""
+        if self.bits.device.type == "cpu":
+            s = self.shard
+            start = rows.indices(s.num_rows)[0]
+            return chunk_kernels.count_and_digest(
+                self.bits[rows].numpy(), self.num_cols,
+                self.base + s.col_offset + (s.row_offset + start) * s.table_cols, s.table_cols)
+        active = self.positions(rows)[self.mask_of(rows)]
+        hashes = (active * POSITION_SCRAMBLE) >> (64 - DIGEST_BITS)
+        return active.numel(), int((hashes & ((1 << DIGEST_BITS) - 1)).sum())
 
     def keep_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """The mask of local rows `rows` as 0/1 bytes, the fastest factor to zero pruned weights

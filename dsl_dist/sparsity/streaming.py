@@ -5,35 +5,49 @@ over all ranks, ties at the threshold going to the candidates of smaller tie key
 holding more than one chunk of keys. Each radix round is one pass over the chunks, whose
 histograms are all-reduced as before, and the result is a rule (`Selection`) that tells any
 chunk which of its candidates are chosen, instead of a mask of every entry. A selection costs
-two passes over the scores (16 bits of the key each), plus, when equal scores straddle the
-k-th place, one pass that collects the tied candidates' tie keys (or, when they are too many to
-hold, up to four passes over them).
+two passes over the scores (16 bits of the key each; one for bfloat16 scores, whose low 16
+bits are zero), plus, when equal scores straddle the k-th place, one pass that collects the
+tied candidates' tie keys (or, when they are too many to hold, up to four passes over them).
+That pass keeps what it finds, the chunks' choices as packed bits (a bit an entry), so that
+reading the choice afterwards costs no further pass.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Protocol
 
+import numpy as np
 import torch
 
-from dsl_dist.sparsity.fastops import compress, flat_nonzero
+from dsl_dist.sparsity import chunk_kernels
+from dsl_dist.sparsity.fastops import compress, concat, flat_nonzero, pack_bits, unpack_bits
 from dsl_dist.sparsity.selection import (BINS, DIGIT_BITS, SCORE_BITS, CountReducer,
                                          _order_keys, _radix_select, local_counts, narrow)
 
-TIES_HELD = 1 << 21
-"""Tied candidates (over all ranks) whose tie keys one pass collects instead of streaming."""
+TIE_MEMORY = 32 << 20
+"""Bytes of tied candidates (over all ranks) that one pass holds instead of streaming over
+them, by default."""
 
 
 @dataclass
 class Chunk:
-    """Consecutive entries of a rank's candidates, from flat index `offset`."""
+    """Consecutive rows of a rank's candidates, the first entry at flat index `offset`."""
 
     offset: int
     scores: torch.Tensor
-    """float32 (n,); a narrower float is widened exactly."""
+    """(rows, cols), float32 or bfloat16 (a float16 is widened exactly)."""
     candidates: Optional[torch.Tensor]
-    """bool (n,): which entries take part (None: all)."""
+    """uint8 (rows, ceil(cols / 8)): which entries take part, a bit each (fastops.pack_bits);
+    None: all."""
+    absolute: bool = False
+    """Whether an entry's score is the absolute value of `scores` (a weight's magnitude, read
+    from the weight itself)."""
+
+
+FUSED = True
+"""Run the passes over CPU chunks as the compiled loops of chunk_kernels.py (torch's ops
+otherwise, as on other devices); tests switch it off to compare the two."""
 
 
 class Candidates(Protocol):
@@ -53,6 +67,39 @@ def unsigned_keys(scores: torch.Tensor) -> torch.Tensor:
     return _order_keys(scores.float()).to(torch.int64) + (1 << (SCORE_BITS - 1))
 
 
+def _fused(chunk: Chunk) -> bool:
+    return FUSED and chunk.scores.device.type == "cpu"
+
+
+def _kernel_arguments(chunk: Chunk) -> tuple[np.ndarray, int, bool, np.ndarray, bool]:
+    """(score bits, widen, absolute, packed candidates, every) for chunk_kernels."""
+    scores = chunk.scores
+    if scores.dtype == torch.bfloat16:
+        bits, widen = scores.view(torch.int16).numpy().view(np.uint16), 16
+    else:
+        bits, widen = scores.float().view(torch.int32).numpy().view(np.uint32), 0
+    every = chunk.candidates is None
+    candidates = _NO_CANDIDATES if every else chunk.candidates.numpy()
+    return bits, widen, chunk.absolute, candidates, every
+
+
+_NO_CANDIDATES = np.zeros((1, 1), dtype=np.uint8)
+
+
+def _flat(chunk: Chunk) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The chunk's float32 scores and bool candidates (or None), flattened: torch's view."""
+    scores = chunk.scores.float()
+    scores = scores.abs() if chunk.absolute else scores
+    candidates = (None if chunk.candidates is None
+                  else unpack_bits(chunk.candidates, chunk.scores.shape[1]).reshape(-1))
+    return scores.reshape(-1), candidates
+
+
+def _packed_shape(chunk: Chunk) -> tuple[int, int]:
+    rows, cols = chunk.scores.shape
+    return rows, (cols + 7) // 8
+
+
 @dataclass(frozen=True)
 class Selection:
     """The chosen candidates: every candidate whose key is beyond `key` (above it if `largest`,
@@ -64,34 +111,73 @@ class Selection:
     tie_key: Optional[int] = None
     none: bool = False
     every: bool = False
+    held: dict[int, torch.Tensor] = field(default_factory=dict, compare=False)
+    """The choices already made by the pass that broke the ties, by chunk offset: valid for
+    the chunks of the source the selection was made over."""
 
     def chosen(self, chunk: Chunk, tie_keys: Callable[[torch.Tensor], torch.Tensor]
                ) -> torch.Tensor:
-        """Which entries of `chunk` are chosen (False outside its candidates)."""
+        """Which entries of `chunk` are chosen, packed like its candidates (no bit outside
+        them)."""
+        if chunk.offset in self.held:
+            return self.held[chunk.offset]
+        shape, device = _packed_shape(chunk), chunk.scores.device
         if self.none or self.every:
-            full = torch.full(chunk.scores.shape, self.every, dtype=torch.bool,
-                              device=chunk.scores.device)
-            return full if chunk.candidates is None or self.none else chunk.candidates.clone()
-        keys = unsigned_keys(chunk.scores)
-        chosen = keys > self.key if self.largest else keys < self.key
-        at = keys == self.key
-        if chunk.candidates is not None:
-            chosen &= chunk.candidates
-            at &= chunk.candidates
-        if self.tie_key is None:
-            return chosen | at
-        tied = flat_nonzero(at)
+            if self.every and chunk.candidates is not None:
+                return chunk.candidates.clone()
+            every = torch.ones(chunk.scores.shape, dtype=torch.bool, device=device)
+            return pack_bits(every) if self.every else torch.zeros(shape, dtype=torch.uint8,
+                                                                    device=device)
+        packed, tied = _split(chunk, self.key, self.largest, self.tie_key is None)
         if len(tied):
-            keep = tie_keys(tied + chunk.offset) <= self.tie_key
-            chosen[compress(tied, keep)] = True
-        return chosen
+            _set_flat(packed, chunk.scores.shape[1],
+                      compress(tied, tie_keys(tied + chunk.offset) <= self.tie_key))
+        return packed
+
+
+def _split(chunk: Chunk, key: int, largest: bool, take_ties: bool
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's candidates whose key is beyond `key` (above it if `largest`), with those at
+    `key` if `take_ties`, packed; and the flat indices of those at `key` otherwise (else
+    none)."""
+    if _fused(chunk):
+        packed = np.empty(_packed_shape(chunk), dtype=np.uint8)
+        tied = np.empty(0 if take_ties else chunk.scores.numel(), dtype=np.int64)
+        count = chunk_kernels.choose(*_kernel_arguments(chunk), key, largest, take_ties,
+                                     packed, tied)
+        return torch.from_numpy(packed), torch.from_numpy(tied[:count])
+    scores, candidates = _flat(chunk)
+    keys = unsigned_keys(scores)
+    chosen = keys > key if largest else keys < key
+    at = keys == key
+    if candidates is not None:
+        chosen &= candidates
+        at &= candidates
+    if take_ties:
+        chosen |= at
+    tied = torch.zeros(0, dtype=torch.int64) if take_ties else flat_nonzero(at)
+    return pack_bits(chosen.view(chunk.scores.shape)), tied
+
+
+def _set_flat(packed: torch.Tensor, cols: int, flat: torch.Tensor) -> None:
+    """Sets the bits of the entries at flat indices `flat` of a packed (rows, cols) mask."""
+    if packed.device.type == "cpu":
+        chunk_kernels.set_flat(packed.numpy(), cols, flat.numpy())
+        return
+    mask = unpack_bits(packed, cols).view(-1)
+    mask[flat] = True
+    packed.copy_(pack_bits(mask.view(-1, cols)))
 
 
 def select_streaming(source: Candidates, k: int, *, largest: bool, reduce_counts: CountReducer,
-                     position_bits: int) -> Selection:
+                     position_bits: int, score_bits: int = SCORE_BITS,
+                     tie_memory: Optional[int] = None) -> Selection:
     """The k largest (or smallest) candidates of all ranks, as `select_extreme` would choose
-    them given the same scores and tie keys. Collective: every rank calls it with the same k,
-    largest and position_bits. NaN scores among the candidates are refused on every rank."""
+    them given the same scores and tie keys. Collective: every rank calls it with the same
+    arguments but its own source. `score_bits`: 16 when every score is a bfloat16 (its key's
+    low 16 bits follow from the high ones, so the second round is skipped). `tie_memory`: the
+    bytes the tied candidates may take to be held (TIE_MEMORY if None). NaN scores among the
+    candidates are refused on every rank."""
     if k < 0:
         raise ValueError(f"select_streaming: k={k} is negative")
     shift, prefix, total = SCORE_BITS - DIGIT_BITS, 0, None
@@ -113,11 +199,14 @@ def select_streaming(source: Candidates, k: int, *, largest: bool, reduce_counts
         if k == tied:  # every candidate of the bin is in: up to its far edge
             low, high = prefix << shift, ((prefix + 1) << shift) - 1
             return Selection(largest, low if largest else high)
-        if shift == 0:
+        if shift <= SCORE_BITS - score_bits:
             break
         shift -= DIGIT_BITS
-    return Selection(largest, prefix, _tie_threshold(source, prefix, tied, k, reduce_counts,
-                                                     position_bits))
+    key = prefix << shift
+    if shift:  # bfloat16 scores: the bin holds one key, low bits 0 (>= 0) or flipped to 1 (< 0)
+        key |= 0 if prefix >> (SCORE_BITS - shift - 1) else (1 << shift) - 1
+    return _break_ties(source, key, largest, tied, k, reduce_counts, position_bits,
+                       TIE_MEMORY if tie_memory is None else tie_memory)
 
 
 def _score_histogram(source: Candidates, shift: int, prefix: int, first: bool
@@ -128,12 +217,17 @@ def _score_histogram(source: Candidates, shift: int, prefix: int, first: bool
     histogram = torch.zeros(BINS, dtype=torch.int64)
     count = nans = 0
     for chunk in source.chunks():
-        keys = unsigned_keys(chunk.scores)
-        keep = chunk.candidates
+        if _fused(chunk):
+            counted, nan = chunk_kernels.histogram(*_kernel_arguments(chunk), shift, prefix,
+                                                   first, histogram.numpy())
+            count, nans = count + counted, nans + nan
+            continue
+        scores, keep = _flat(chunk)
+        keys = unsigned_keys(scores)
         if first:
-            count += chunk.scores.numel() if keep is None else int(torch.count_nonzero(keep))
-            if bool(chunk.scores.float().sum().isnan()):
-                nan = torch.isnan(chunk.scores)
+            count += scores.numel() if keep is None else int(torch.count_nonzero(keep))
+            if bool(scores.sum().isnan()):
+                nan = torch.isnan(scores)
                 nans += int(torch.count_nonzero(nan if keep is None else nan & keep))
         else:
             at_prefix = (keys >> (shift + DIGIT_BITS)) == prefix
@@ -145,38 +239,56 @@ def _score_histogram(source: Candidates, shift: int, prefix: int, first: bool
     return histogram, count, nans
 
 
-def _tie_threshold(source: Candidates, key: int, tied: int, needed: int,
-                   reduce_counts: CountReducer, position_bits: int) -> int:
-    """The largest tie key to take among the `tied` candidates at `key` (all ranks) so that
-    `needed` of them, those of smallest tie key, are chosen."""
-    def tied_keys(prefix_shift: int = 0, prefix: int = -1) -> Iterator[torch.Tensor]:
+def _break_ties(source: Candidates, key: int, largest: bool, tied: int, needed: int,
+                reduce_counts: CountReducer, position_bits: int, tie_memory: int) -> Selection:
+    """The selection that takes, of the `tied` candidates at `key` (all ranks), the `needed`
+    of smallest tie key. When the tied fit in `tie_memory` bytes (8 a candidate: int32 index
+    in its chunk and tie key, while tie keys have at most 31 bits; else 16), their pass keeps
+    them and every chunk's choice (`Selection.held`); otherwise it streams over their tie
+    keys."""
+    narrow_keys = position_bits <= 31
+    if tied * (8 if narrow_keys else 16) <= tie_memory:
+        parts = []
         for chunk in source.chunks():
-            at = unsigned_keys(chunk.scores) == key
-            if chunk.candidates is not None:
-                at &= chunk.candidates
-            index = flat_nonzero(at)
+            packed, index = _split(chunk, key, largest, False)
+            keys = source.tie_keys(index + chunk.offset) if len(index) else index
+            if narrow_keys:
+                index, keys = index.to(torch.int32), keys.to(torch.int32)
+            parts.append((chunk, packed, index, keys))
+        held = concat([keys for *_, keys in parts] or [torch.empty(0, dtype=torch.int64)])
+        shift, prefix, needed, tied = _radix_select(held, tied, needed, max(position_bits, 1),
+                                                    False, False, reduce_counts)
+        threshold = _tie_threshold(shift, prefix, needed, tied)
+        for chunk, packed, index, keys in parts:
+            if len(index):
+                _set_flat(packed, chunk.scores.shape[1], compress(index, keys <= threshold))
+        return Selection(largest, key, threshold,
+                         held={chunk.offset: packed for chunk, packed, *_ in parts})
+
+    def tied_keys(prefix_shift: int, prefix: int) -> Iterator[torch.Tensor]:
+        for chunk in source.chunks():
+            _, index = _split(chunk, key, largest, False)
             if len(index):
                 keys = source.tie_keys(index + chunk.offset)
                 yield keys if prefix < 0 else compress(keys, (keys >> prefix_shift) == prefix)
 
-    if tied <= TIES_HELD:
-        parts = list(tied_keys())
-        held = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
-        shift, prefix, needed, tied = _radix_select(held, tied, needed, max(position_bits, 1),
-                                                    False, False, reduce_counts)
-    else:
-        shift = max(position_bits - 1, 0) // DIGIT_BITS * DIGIT_BITS
-        prefix = 0
-        while True:
-            histogram = torch.zeros(BINS, dtype=torch.int64)
-            for keys in tied_keys(shift + DIGIT_BITS, prefix if shift + DIGIT_BITS
-                                  < max(position_bits, 1) else -1):
-                histogram = (histogram.to(keys.device)
-                             + torch.bincount((keys >> shift) & (BINS - 1), minlength=BINS))
-            prefix, needed, tied = narrow(histogram, needed, False, prefix, reduce_counts)
-            if needed == tied or shift == 0:
-                break
-            shift -= DIGIT_BITS
+    shift = max(position_bits - 1, 0) // DIGIT_BITS * DIGIT_BITS
+    prefix = 0
+    while True:
+        histogram = torch.zeros(BINS, dtype=torch.int64)
+        for keys in tied_keys(shift + DIGIT_BITS, prefix if shift + DIGIT_BITS
+                              < max(position_bits, 1) else -1):
+            histogram = (histogram.to(keys.device)
+                         + torch.bincount((keys >> shift) & (BINS - 1), minlength=BINS))
+        prefix, needed, tied = narrow(histogram, needed, False, prefix, reduce_counts)
+        if needed == tied or shift == 0:
+            break
+        shift -= DIGIT_BITS
+    return Selection(largest, key, _tie_threshold(shift, prefix, needed, tied))
+
+
+def _tie_threshold(shift: int, prefix: int, needed: int, tied: int) -> int:
+    """The largest tie key to take, from the last radix round over the tied candidates."""
     if needed != tied:
         raise ValueError(f"select_streaming: {tied} candidates share a tie key and a score at "
                          "the threshold; tie keys must be unique across ranks")
