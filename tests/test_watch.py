@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not (SHARED_DATA / "lastfm").is_dir(),
                                 reason="shared data not present")
 
 SHORT = ["data.batch_size=2048", "model.embedding_dim=16", "train.epochs=2", "train.log_every=0",
-         "train.progress_every_s=0.5", "eval.every_epochs=1", "eval.max_users=200",
+         "train.progress_every_s=0.01", "eval.every_epochs=1", "eval.max_users=200",
          "sparsity.density=0.2", "sparsity.delta_t=4"]
 RUNS = {"dsl": ["sparsity=dsl"],
         "block": ["sparsity=block_dsl", "sparsity.block.size=4", "model.sharding_type=row_wise"]}
