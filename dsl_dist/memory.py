@@ -10,6 +10,9 @@ device memory, which the RSS does not see: there phases also report the peak of
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import resource
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -34,6 +37,26 @@ def rss_mb() -> float:
     """The resident set size now."""
     now = _status_mb("VmRSS")
     return now if now is not None else peak_rss_mb()
+
+
+@functools.cache
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"),
+                       "malloc_trim", None)
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hands the C heap's free pages back to the OS. A pass over the tables in chunks (the
+    initial masks, an update, an evaluation) frees its temporaries between small allocations
+    that live on (each chunk's choice), so glibc cannot shrink its heap and the freed bytes
+    stay in the RSS, which is what a container's memory limit counts."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def peak_rss_mb() -> float:

@@ -22,7 +22,8 @@ from dsl_dist.data.prepare import ensure_prepared
 from dsl_dist.data.stream import EpochStream, InteractionStream, UserHistoryStream
 from dsl_dist.distributed import DistContext, init_distributed, shutdown_distributed
 from dsl_dist.evaluation import evaluate
-from dsl_dist.memory import PeakTracker, high_water_marks, rss_mb, tensor_bytes
+from dsl_dist.memory import (PeakTracker, high_water_marks, release_freed_memory, rss_mb,
+                             tensor_bytes)
 from dsl_dist.model.base import PAIRS
 from dsl_dist.model.registry import build_model, prepare_model_data
 from dsl_dist.model.sharding import dense_optimizer, embedding_tables, shard_model
@@ -117,6 +118,7 @@ class Trainer:
                                    budgets, unit))))
         self.best = (BestEvaluation(cfg.eval.select_metric) if cfg.eval.select_split else None)
         self._register_state()
+        release_freed_memory()
         self._log_memory(baseline_rss_mb)
 
     def _progress_bar(self) -> Optional[ProgressBar]:
@@ -189,11 +191,14 @@ class Trainer:
             self.dense_optimizer.step()
             self.dense_optimizer.zero_grad()
         self.progress.step += 1
+        before = rss_mb()  # what an update's peak is measured against (its extra memory)
         self.peaks.start()
         update = self.sparsity.after_optimizer_step(self.step)
         peaks = self.peaks.stop()
         if update:
-            self.log.write("update", **update, **self._per_rank(peaks))
+            release_freed_memory()
+            self.log.write("update", **update,
+                           **self._per_rank({**peaks, "rss_mb_before": before}))
         return loss.detach()
 
     def train_epoch(self) -> None:
@@ -235,7 +240,8 @@ class Trainer:
                        f"{seconds:.1f}s {samples / seconds:,.0f} samples/s")
 
     def _per_rank(self, peaks: dict[str, float]) -> dict[str, list[float]]:
-        """A phase's peaks of every rank, by field (peak_rss_mb, and peak_cuda_mb on CUDA)."""
+        """Every rank's figures of a phase, by field (its peaks: peak_rss_mb, and peak_cuda_mb
+        on CUDA)."""
         gathered = self.ctx.all_gather_object(peaks)
         return {name: [rank[name] for rank in gathered] for name in peaks}
 
@@ -256,6 +262,7 @@ class Trainer:
         e = self.cfg.eval
         metrics = evaluate(self.model, self.dataset_dir, split, self.manifest.num_items,
                            list(e.ks), self.ctx, e.memory_mb, e.max_users, self.cfg.train.seed)
+        release_freed_memory()
         self.log.write("eval", epoch=epoch, step=self.step, split=split,
                        seconds=time.perf_counter() - started, **metrics,
                        **self._per_rank(self.peaks.stop()))

@@ -10,6 +10,7 @@ import torch
 
 from dsl_dist.sparsity import streaming
 from dsl_dist.sparsity.fastops import pack_bits, unpack_bits
+from dsl_dist.sparsity.masks import POSITION_SCRAMBLE
 from dsl_dist.sparsity.selection import local_counts, select_extreme
 from dsl_dist.sparsity.streaming import Chunk, select_streaming
 from test_selection import simulate_ranks, tied_scores, unique_positions
@@ -21,8 +22,12 @@ class Chunked:
 
     def __init__(self, scores: torch.Tensor, positions: torch.Tensor,
                  candidates: Optional[torch.Tensor], rows: int, cols: int = 1,
-                 absolute: bool = False) -> None:
+                 absolute: bool = False, layout: Optional[tuple[int, int]] = None) -> None:
+        """`positions`: the entries' tie keys; `layout` (first, stride): they are those of
+        global positions first + row * stride + col (laid_out_tie_keys), which the chunks
+        then say."""
         self.n, self.rows, self.cols, self.absolute = len(scores), rows, cols, absolute
+        self.layout = layout
         pad = -self.n % cols
         if pad and candidates is None:
             candidates = torch.ones(self.n, dtype=torch.bool, device=scores.device)
@@ -36,7 +41,8 @@ class Chunked:
             rows = slice(start, start + self.rows)
             yield Chunk(start * self.cols, self.scores[rows],
                         None if self.candidates is None else self.candidates[rows],
-                        self.absolute)
+                        self.absolute, None if self.layout is None else
+                        (self.layout[0] + start * self.layout[1], self.layout[1]))
 
     def tie_keys(self, flat: torch.Tensor) -> torch.Tensor:
         return self.positions[flat]
@@ -49,6 +55,15 @@ class Chunked:
         return chosen[:self.n]
 
 
+def laid_out_tie_keys(n: int, cols: int, layout: tuple[int, int],
+                      position_bits: int) -> torch.Tensor:
+    """ShardCandidates' tie keys of n entries in rows of `cols` at positions first + row *
+    stride + col: the low position_bits bits of position * POSITION_SCRAMBLE."""
+    flat = torch.arange(n)
+    positions = layout[0] + flat // cols * layout[1] + flat % cols
+    return (positions * POSITION_SCRAMBLE) & ((1 << position_bits) - 1)
+
+
 @pytest.fixture(params=[True, False], ids=["fused", "torch"])
 def fused(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
     """Both implementations of the passes over a chunk (only torch's off the CPU)."""
@@ -57,8 +72,9 @@ def fused(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bo
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("laid_out", [False, True], ids=["given", "laid_out"])
 @pytest.mark.parametrize("held", [True, False])
-def test_streaming_chooses_what_select_extreme_chooses(held: bool, fused: bool,
+def test_streaming_chooses_what_select_extreme_chooses(held: bool, laid_out: bool, fused: bool,
                                                        device: torch.device,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(streaming, "TIE_MEMORY", 32 << 20 if held else 0)
@@ -70,10 +86,16 @@ def test_streaming_chooses_what_select_extreme_chooses(held: bool, fused: bool,
             scores = scores.bfloat16()
         absolute = trial % 3 == 1  # magnitudes read from the weights themselves
         position_bits = [62, 20, 9][trial % 3]  # tie keys held as int64 or int32
-        positions = unique_positions(n, generator, position_bits)
         candidates = None if trial % 2 else torch.rand(n, generator=generator) < 0.6
         total = n if candidates is None else int(candidates.sum())
         cols = [1, 3, 8, 11][trial % 4]
+        layout = None
+        if laid_out:  # tie keys of positions the compiled passes compute themselves
+            position_bits = max(position_bits, 12)
+            layout = (int(torch.randint(100, (1,), generator=generator)), cols + trial % 3)
+            positions = laid_out_tie_keys(n, cols, layout, position_bits)
+        else:
+            positions = unique_positions(n, generator, position_bits)
         rows = int(torch.randint(1, 64, (1,), generator=generator))
         for largest in (True, False):
             for k in sorted({0, 1, total // 2, total,
@@ -83,7 +105,7 @@ def test_streaming_chooses_what_select_extreme_chooses(held: bool, fused: bool,
                                           candidates=candidates)
                 source = Chunked(scores.to(device), positions.to(device),
                                  None if candidates is None else candidates.to(device),
-                                 rows, cols, absolute)
+                                 rows, cols, absolute, layout)
                 selection = select_streaming(
                     source, k, largest=largest, reduce_counts=local_counts,
                     position_bits=position_bits,

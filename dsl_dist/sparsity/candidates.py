@@ -35,7 +35,7 @@ class ShardCandidates:
         shard = self.shards[index]
         scores, candidates = self.entries(shard, rows)
         return Chunk(self.starts[index] + rows.start * shard.num_cols, scores, candidates,
-                     self.absolute)
+                     self.absolute, shard.position_layout(rows))
 
     def shard_chunks(self) -> Iterator[tuple[int, slice]]:
         for index, shard in enumerate(self.shards):

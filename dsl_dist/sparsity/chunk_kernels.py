@@ -90,18 +90,28 @@ def histogram(scores: np.ndarray, widen: int, absolute: bool, candidates: np.nda
     return count, nans
 
 
+@numba.njit(cache=True, inline="always")
+def _tie_key(position: int, key_mask: np.uint64) -> np.uint64:
+    """A global position's tie key (ShardCandidates.tie_keys: position * POSITION_SCRAMBLE,
+    its low position_bits bits)."""
+    return np.uint64(np.uint64(position) * _SCRAMBLE) & key_mask
+
+
 @_kernel
 def choose(scores: np.ndarray, widen: int, absolute: bool, candidates: np.ndarray,
            every: bool, key: int, largest: bool, take_ties: bool, chosen: np.ndarray,
-           tied: np.ndarray) -> int:
+           tied: np.ndarray, tie_key: int, first: int, stride: int, key_bits: int) -> int:
     """Writes into `chosen` (packed like the candidates) the candidates whose key is beyond
-    `key` (above it if `largest`), and those at `key` too if `take_ties`; otherwise writes the
-    flat (row-major) indices of those at `key` into `tied` (room for every entry) and returns
-    how many. A byte's eight comparisons are made before its candidate bits are applied, and
-    its ties visited only when it has some."""
+    `key` (above it if `largest`), and of those at `key`: all if `take_ties`; else, given a
+    `tie_key` >= 0, those whose tie key is at most `tie_key` (the entry at (row, col) is at
+    global position first + row * stride + col, its tie key `key_bits` wide); else none, and
+    their flat (row-major) indices go into `tied` (room for every entry): returns how many.
+    A byte's eight comparisons are made before its candidate bits are applied, and its ties
+    visited only when it has some."""
     count = 0
     rows, cols = scores.shape
     threshold = np.uint32(key)
+    key_mask = np.uint64((1 << key_bits) - 1)
     for row in range(rows):
         for byte in range((cols + 7) // 8):
             bits8 = np.uint8(0xFF) if every else candidates[row, byte]
@@ -117,11 +127,45 @@ def choose(scores: np.ndarray, widen: int, absolute: bool, candidates: np.ndarra
                 beyond |= at
             elif at:
                 for bit in range(width):
-                    if at & _bit(bit):
+                    if not at & _bit(bit):
+                        continue
+                    if tie_key >= 0:
+                        position = first + row * stride + first_col + bit
+                        if _tie_key(position, key_mask) <= np.uint64(tie_key):
+                            beyond |= _bit(bit)
+                    else:
                         tied[count] = row * cols + first_col + bit
                         count += 1
             chosen[row, byte] = beyond
     return count
+
+
+@_kernel
+def tie_histogram(scores: np.ndarray, widen: int, absolute: bool, candidates: np.ndarray,
+                  every: bool, key: int, first: int, stride: int, key_bits: int, shift: int,
+                  prefix: int, out: np.ndarray) -> None:
+    """Adds to `out` (65536 int64) the counts of the tie-key digits at `shift` of the
+    candidates whose key is `key` and whose tie key's bits above shift + 16 are `prefix`
+    (-1: any); positions and tie keys as in `choose`."""
+    rows, cols = scores.shape
+    threshold = np.uint32(key)
+    key_mask = np.uint64((1 << key_bits) - 1)
+    for row in range(rows):
+        for byte in range((cols + 7) // 8):
+            bits8 = np.uint8(0xFF) if every else candidates[row, byte]
+            if bits8 == 0:
+                continue
+            first_col, width = byte * 8, min(8, cols - byte * 8)
+            at = np.uint8(0)
+            for bit in range(width):
+                at |= _bit(bit) * np.uint8(_key_at(scores, row, first_col + bit, widen,
+                                                   absolute) == threshold)
+            at &= bits8
+            for bit in range(width if at else 0):
+                if at & _bit(bit):
+                    t = _tie_key(first + row * stride + first_col + bit, key_mask)
+                    if prefix < 0 or (t >> np.uint64(shift + 16)) == np.uint64(prefix):
+                        out[(t >> np.uint64(shift)) & np.uint64(0xFFFF)] += 1
 
 
 @_kernel

@@ -99,6 +99,13 @@ class MaskedShard:
         cols = torch.arange(s.col_offset, s.col_offset + s.num_cols, device=device)
         return self.base + rows_[:, None] * s.table_cols + cols[None, :]
 
+    def position_layout(self, rows: slice) -> tuple[int, int]:
+        """(first, stride): the weight at (row, col) of `rows` is at global position
+        first + row * stride + col."""
+        s = self.shard
+        start = rows.indices(s.num_rows)[0]
+        return self.base + s.col_offset + (s.row_offset + start) * s.table_cols, s.table_cols
+
     def positions_at(self, flat: torch.Tensor) -> torch.Tensor:
         """Global positions of the weights at flat (row-major) local indices `flat`."""
         s = self.shard
@@ -112,11 +119,8 @@ class MaskedShard:
         """The active weights of `rows` and the sum of a 32-bit hash of each one's global
         position (the top bits of position * POSITION_SCRAMBLE): a mask digest's share."""
         if self.bits.device.type == "cpu":
-            s = self.shard
-            start = rows.indices(s.num_rows)[0]
-            return chunk_kernels.count_and_digest(
-                self.bits[rows].numpy(), self.num_cols,
-                self.base + s.col_offset + (s.row_offset + start) * s.table_cols, s.table_cols)
+            return chunk_kernels.count_and_digest(self.bits[rows].numpy(), self.num_cols,
+                                                  *self.position_layout(rows))
         active = self.positions(rows)[self.mask_of(rows)]
         hashes = (active * POSITION_SCRAMBLE) >> (64 - DIGEST_BITS)
         return active.numel(), int((hashes & ((1 << DIGEST_BITS) - 1)).sum())

@@ -43,6 +43,11 @@ class Chunk:
     absolute: bool = False
     """Whether an entry's score is the absolute value of `scores` (a weight's magnitude, read
     from the weight itself)."""
+    positions: Optional[tuple[int, int]] = None
+    """(first, stride): the entry at (row, col) is at global position first + row * stride +
+    col, and its tie key is the low position_bits bits of position * POSITION_SCRAMBLE (what
+    the source's tie_keys gives), so the compiled passes compute tie keys in place; None:
+    only tie_keys knows them."""
 
 
 FUSED = True
@@ -84,6 +89,7 @@ def _kernel_arguments(chunk: Chunk) -> tuple[np.ndarray, int, bool, np.ndarray, 
 
 
 _NO_CANDIDATES = np.zeros((1, 1), dtype=np.uint8)
+_NO_TIES = np.zeros(0, dtype=np.int64)
 
 
 def _flat(chunk: Chunk) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -111,6 +117,8 @@ class Selection:
     tie_key: Optional[int] = None
     none: bool = False
     every: bool = False
+    tie_bits: int = 0
+    """The tie keys' width (position_bits), for chunks that compute them in place."""
     held: dict[int, torch.Tensor] = field(default_factory=dict, compare=False)
     """The choices already made by the pass that broke the ties, by chunk offset: valid for
     the chunks of the source the selection was made over."""
@@ -128,6 +136,12 @@ class Selection:
             every = torch.ones(chunk.scores.shape, dtype=torch.bool, device=device)
             return pack_bits(every) if self.every else torch.zeros(shape, dtype=torch.uint8,
                                                                     device=device)
+        if self.tie_key is not None and _fused(chunk) and chunk.positions is not None:
+            packed = np.empty(shape, dtype=np.uint8)
+            chunk_kernels.choose(*_kernel_arguments(chunk), self.key, self.largest, False,
+                                 packed, _NO_TIES, self.tie_key, *chunk.positions,
+                                 self.tie_bits)
+            return torch.from_numpy(packed)
         packed, tied = _split(chunk, self.key, self.largest, self.tie_key is None)
         if len(tied):
             _set_flat(packed, chunk.scores.shape[1],
@@ -144,7 +158,7 @@ def _split(chunk: Chunk, key: int, largest: bool, take_ties: bool
         packed = np.empty(_packed_shape(chunk), dtype=np.uint8)
         tied = np.empty(0 if take_ties else chunk.scores.numel(), dtype=np.int64)
         count = chunk_kernels.choose(*_kernel_arguments(chunk), key, largest, take_ties,
-                                     packed, tied)
+                                     packed, tied, -1, 0, 0, 0)
         return torch.from_numpy(packed), torch.from_numpy(tied[:count])
     scores, candidates = _flat(chunk)
     keys = unsigned_keys(scores)
@@ -248,43 +262,56 @@ def _break_ties(source: Candidates, key: int, largest: bool, tied: int, needed: 
     keys."""
     narrow_keys = position_bits <= 31
     if tied * (8 if narrow_keys else 16) <= tie_memory:
-        parts = []
+        parts = []  # per chunk: offset, columns, choice, tied (index, tie key); no scores
         for chunk in source.chunks():
             packed, index = _split(chunk, key, largest, False)
             keys = source.tie_keys(index + chunk.offset) if len(index) else index
             if narrow_keys:
                 index, keys = index.to(torch.int32), keys.to(torch.int32)
-            parts.append((chunk, packed, index, keys))
+            else:
+                index = index.clone()  # not a view of the chunk-sized buffer _split filled
+            parts.append((chunk.offset, chunk.scores.shape[1], packed, index, keys))
         held = concat([keys for *_, keys in parts] or [torch.empty(0, dtype=torch.int64)])
         shift, prefix, needed, tied = _radix_select(held, tied, needed, max(position_bits, 1),
                                                     False, False, reduce_counts)
         threshold = _tie_threshold(shift, prefix, needed, tied)
-        for chunk, packed, index, keys in parts:
+        for _, cols, packed, index, keys in parts:
             if len(index):
-                _set_flat(packed, chunk.scores.shape[1], compress(index, keys <= threshold))
+                _set_flat(packed, cols, compress(index, keys <= threshold))
         return Selection(largest, key, threshold,
-                         held={chunk.offset: packed for chunk, packed, *_ in parts})
-
-    def tied_keys(prefix_shift: int, prefix: int) -> Iterator[torch.Tensor]:
-        for chunk in source.chunks():
-            _, index = _split(chunk, key, largest, False)
-            if len(index):
-                keys = source.tie_keys(index + chunk.offset)
-                yield keys if prefix < 0 else compress(keys, (keys >> prefix_shift) == prefix)
+                         held={offset: packed for offset, _, packed, *_ in parts})
 
     shift = max(position_bits - 1, 0) // DIGIT_BITS * DIGIT_BITS
     prefix = 0
     while True:
-        histogram = torch.zeros(BINS, dtype=torch.int64)
-        for keys in tied_keys(shift + DIGIT_BITS, prefix if shift + DIGIT_BITS
-                              < max(position_bits, 1) else -1):
-            histogram = (histogram.to(keys.device)
-                         + torch.bincount((keys >> shift) & (BINS - 1), minlength=BINS))
+        histogram = _tie_histogram(source, key, largest, position_bits, shift, prefix if
+                                   shift + DIGIT_BITS < max(position_bits, 1) else -1)
         prefix, needed, tied = narrow(histogram, needed, False, prefix, reduce_counts)
         if needed == tied or shift == 0:
             break
         shift -= DIGIT_BITS
-    return Selection(largest, key, _tie_threshold(shift, prefix, needed, tied))
+    return Selection(largest, key, _tie_threshold(shift, prefix, needed, tied),
+                     tie_bits=position_bits)
+
+
+def _tie_histogram(source: Candidates, key: int, largest: bool, position_bits: int,
+                   shift: int, prefix: int) -> torch.Tensor:
+    """Counts of the tie-key digits at `shift` of the candidates at `key` whose tie key's
+    higher digits are `prefix` (-1: any): one pass over the chunks."""
+    histogram = torch.zeros(BINS, dtype=torch.int64)
+    for chunk in source.chunks():
+        if _fused(chunk) and chunk.positions is not None:
+            chunk_kernels.tie_histogram(*_kernel_arguments(chunk), key, *chunk.positions,
+                                        position_bits, shift, prefix, histogram.numpy())
+            continue
+        _, index = _split(chunk, key, largest, False)
+        if len(index):
+            keys = source.tie_keys(index + chunk.offset)
+            if prefix >= 0:
+                keys = compress(keys, (keys >> (shift + DIGIT_BITS)) == prefix)
+            histogram = (histogram.to(keys.device)
+                         + torch.bincount((keys >> shift) & (BINS - 1), minlength=BINS))
+    return histogram
 
 
 def _tie_threshold(shift: int, prefix: int, needed: int, tied: int) -> int:
