@@ -47,7 +47,6 @@ LEVERS = {
     "h0.3": ["sparsity.block.headroom=0.3"],
     # a sparse row starts with a dense row's norm: init_std / sqrt(density) at d=0.2
     "init": ["model.init_std=0.0224"],
-    "l2lo": ["train.l2_reg=1e-5"],  # a tenth of the experiment's weight decay
 }
 USERS_ITEMS = 29_858 + 40_981  # gowalla; params = rows × dimension (× density)
 
