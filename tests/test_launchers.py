@@ -51,9 +51,10 @@ def environment(**extra: str) -> dict[str, str]:
 
 def record(run_dir: Path) -> dict[str, list[dict]]:
     """What must not depend on the launch path: every update (mask digest included) and
-    evaluation, and the epochs' losses, without timings."""
+    evaluation, and the epochs' losses, without what the run measured of its machine (times,
+    memory)."""
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    timing = {"seconds", "samples_per_s", "peak_rss_mb"}
+    timing = {"seconds", "samples_per_s", "peak_rss_mb", "rss_mb_before"}
     kept = [{k: v for k, v in e.items() if k not in timing} for e in events]
     return {kind: [e for e in kept if e["event"] == kind] for kind in ("update", "eval", "epoch")}
 
