@@ -110,12 +110,12 @@ class Trainer:
         epoch_steps = cfg.train.epochs * self.stream.steps_per_epoch
         self.total_steps = min(epoch_steps, cfg.train.max_steps or epoch_steps)
         self.bar = self._progress_bar()
+        self.schedule = UpdateSchedule.of(cfg.sparsity, self.total_steps)
+        """The steps a sparsity method updates at (its controller runs this schedule)."""
         self.sparsity = method.build(SparsitySetup(
             cfg.sparsity, cfg.train.seed, cfg.model.init_std, self.model, tables, ctx,
             self.total_steps, self.dense_optimizer, connect=lambda budgets, unit: (
-                connect_controller(cfg.control, ctx, UpdateSchedule.of(cfg.sparsity,
-                                                                       self.total_steps),
-                                   budgets, unit))))
+                connect_controller(cfg.control, ctx, self.schedule, budgets, unit))))
         self.best = (BestEvaluation(cfg.eval.select_metric) if cfg.eval.select_split else None)
         self._register_state()
         release_freed_memory()
@@ -191,7 +191,9 @@ class Trainer:
             self.dense_optimizer.step()
             self.dense_optimizer.zero_grad()
         self.progress.step += 1
-        before = rss_mb()  # what an update's peak is measured against (its extra memory)
+        # what an update's peak is measured against (its extra memory); read at update steps
+        # only, off the other steps' path
+        before = rss_mb() if self.schedule.is_update_step(self.step) else None
         self.peaks.start()
         update = self.sparsity.after_optimizer_step(self.step)
         peaks = self.peaks.stop()

@@ -50,6 +50,16 @@ def _bit(bit: int) -> np.uint8:
     return np.uint8(128 >> bit)
 
 
+@numba.njit(cache=True, inline="always")
+def _candidate_byte(candidates: np.ndarray, every: bool, row: int, byte: int, cols: int
+                    ) -> tuple[np.uint8, int, int]:
+    """The candidate bits of a row's `byte`-th eight entries (all set if `every`), the first
+    column they cover and how many columns (fewer at the row's end)."""
+    first_col = byte * 8
+    return (np.uint8(0xFF) if every else candidates[row, byte], first_col,
+            min(8, cols - first_col))
+
+
 @_kernel
 def histogram(scores: np.ndarray, widen: int, absolute: bool, candidates: np.ndarray,
               every: bool, shift: int, prefix: int, first: bool,
@@ -65,10 +75,9 @@ def histogram(scores: np.ndarray, widen: int, absolute: bool, candidates: np.nda
     rows, cols = scores.shape
     for row in range(rows):
         for byte in range((cols + 7) // 8):
-            bits8 = np.uint8(0xFF) if every else candidates[row, byte]
+            bits8, first_col, width = _candidate_byte(candidates, every, row, byte, cols)
             if bits8 == 0:
                 continue
-            first_col, width = byte * 8, min(8, cols - byte * 8)
             if first:
                 for bit in range(width):
                     take = np.int64((bits8 >> (7 - bit)) & 1)
@@ -91,10 +100,10 @@ def histogram(scores: np.ndarray, widen: int, absolute: bool, candidates: np.nda
 
 
 @numba.njit(cache=True, inline="always")
-def _tie_key(position: int, key_mask: np.uint64) -> np.uint64:
-    """A global position's tie key (ShardCandidates.tie_keys: position * POSITION_SCRAMBLE,
-    its low position_bits bits)."""
-    return np.uint64(np.uint64(position) * _SCRAMBLE) & key_mask
+def _tie_key(first: int, stride: int, row: int, col: int, key_mask: np.uint64) -> np.uint64:
+    """The tie key of the entry at (row, col), at global position first + row * stride + col
+    (ShardCandidates.tie_keys: position * POSITION_SCRAMBLE, its low position_bits bits)."""
+    return np.uint64(np.uint64(first + row * stride + col) * _SCRAMBLE) & key_mask
 
 
 @_kernel
@@ -114,8 +123,7 @@ def choose(scores: np.ndarray, widen: int, absolute: bool, candidates: np.ndarra
     key_mask = np.uint64((1 << key_bits) - 1)
     for row in range(rows):
         for byte in range((cols + 7) // 8):
-            bits8 = np.uint8(0xFF) if every else candidates[row, byte]
-            first_col, width = byte * 8, min(8, cols - byte * 8)
+            bits8, first_col, width = _candidate_byte(candidates, every, row, byte, cols)
             beyond = at = np.uint8(0)
             for bit in range(width):
                 k = _key_at(scores, row, first_col + bit, widen, absolute)
@@ -130,8 +138,8 @@ def choose(scores: np.ndarray, widen: int, absolute: bool, candidates: np.ndarra
                     if not at & _bit(bit):
                         continue
                     if tie_key >= 0:
-                        position = first + row * stride + first_col + bit
-                        if _tie_key(position, key_mask) <= np.uint64(tie_key):
+                        if _tie_key(first, stride, row, first_col + bit,
+                                    key_mask) <= np.uint64(tie_key):
                             beyond |= _bit(bit)
                     else:
                         tied[count] = row * cols + first_col + bit
@@ -152,10 +160,9 @@ def tie_histogram(scores: np.ndarray, widen: int, absolute: bool, candidates: np
     key_mask = np.uint64((1 << key_bits) - 1)
     for row in range(rows):
         for byte in range((cols + 7) // 8):
-            bits8 = np.uint8(0xFF) if every else candidates[row, byte]
+            bits8, first_col, width = _candidate_byte(candidates, every, row, byte, cols)
             if bits8 == 0:
                 continue
-            first_col, width = byte * 8, min(8, cols - byte * 8)
             at = np.uint8(0)
             for bit in range(width):
                 at |= _bit(bit) * np.uint8(_key_at(scores, row, first_col + bit, widen,
@@ -163,7 +170,7 @@ def tie_histogram(scores: np.ndarray, widen: int, absolute: bool, candidates: np
             at &= bits8
             for bit in range(width if at else 0):
                 if at & _bit(bit):
-                    t = _tie_key(first + row * stride + first_col + bit, key_mask)
+                    t = _tie_key(first, stride, row, first_col + bit, key_mask)
                     if prefix < 0 or (t >> np.uint64(shift + 16)) == np.uint64(prefix):
                         out[(t >> np.uint64(shift)) & np.uint64(0xFFFF)] += 1
 

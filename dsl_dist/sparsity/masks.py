@@ -90,15 +90,6 @@ class MaskedShard:
         step = max(1, elements // max(self.num_cols, 1))
         return (slice(a, min(a + step, self.num_rows)) for a in range(0, self.num_rows, step))
 
-    def positions(self, rows: slice = slice(None)) -> torch.Tensor:
-        """int64 (rows, num_cols) global positions of the weights of `rows`."""
-        s = self.shard
-        device = s.weight.device
-        start, stop, _ = rows.indices(s.num_rows)
-        rows_ = torch.arange(s.row_offset + start, s.row_offset + stop, device=device)
-        cols = torch.arange(s.col_offset, s.col_offset + s.num_cols, device=device)
-        return self.base + rows_[:, None] * s.table_cols + cols[None, :]
-
     def position_layout(self, rows: slice) -> tuple[int, int]:
         """(first, stride): the weight at (row, col) of `rows` is at global position
         first + row * stride + col."""
@@ -106,14 +97,21 @@ class MaskedShard:
         start = rows.indices(s.num_rows)[0]
         return self.base + s.col_offset + (s.row_offset + start) * s.table_cols, s.table_cols
 
+    def positions(self, rows: slice = slice(None)) -> torch.Tensor:
+        """int64 (rows, num_cols) global positions of the weights of `rows`."""
+        first, stride = self.position_layout(rows)
+        device = self.shard.weight.device
+        start, stop, _ = rows.indices(self.num_rows)
+        return (first + torch.arange(stop - start, device=device)[:, None] * stride
+                + torch.arange(self.num_cols, device=device)[None, :])
+
     def positions_at(self, flat: torch.Tensor) -> torch.Tensor:
         """Global positions of the weights at flat (row-major) local indices `flat`."""
-        s = self.shard
-        if s.num_cols == s.table_cols:  # whole rows: the shard is one contiguous range
-            return flat + (self.base + s.row_offset * s.table_cols)
-        rows = torch.div(flat, s.num_cols, rounding_mode="floor")
-        return (self.base + s.col_offset + (rows + s.row_offset) * s.table_cols
-                + (flat - rows * s.num_cols))
+        first, stride = self.position_layout(slice(None))
+        if self.num_cols == stride:  # whole rows: the shard is one contiguous range
+            return flat + first
+        rows = torch.div(flat, self.num_cols, rounding_mode="floor")
+        return first + rows * stride + (flat - rows * self.num_cols)
 
     def active_digest(self, rows: slice) -> tuple[int, int]:
         """The active weights of `rows` and the sum of a 32-bit hash of each one's global
