@@ -21,8 +21,8 @@ evaluation. Writes, from one set of runs:
 
 The synthetic catalogue (generated once into data/, by seed): 2.4M users × 1M item ids, 4 train
 and 1 test interaction per user, items drawn from a Zipf law (exponent 1.05) over a random order
-of the item ids; only the ~0.7M items drawn get rows, so at dim 64 it holds about 98M weights
-per rank (the scale issue asks for at least 96M). Its evaluation scores 20,000 sampled
+of the item ids; only the ~0.7M items drawn get rows, so at dim 64 it holds 99.7M weights per
+rank (the scale issue asks for at least 96M). Its evaluation scores 20,000 sampled
 users (eval.max_users) within eval.memory_mb.
 """
 

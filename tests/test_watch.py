@@ -93,6 +93,18 @@ def test_tensorboard_holds_the_values_of_metrics_jsonl(runs: dict) -> None:
 
 
 @pytest.mark.multiprocess
+def test_update_lines_carry_the_rss_each_update_started_from(runs: dict) -> None:
+    """What an update's extra memory is measured against (benchmarks/memory.py), every rank's."""
+    for run_dir, _ in runs.values():
+        updates = [e for e in events(run_dir) if e["event"] == "update"]
+        assert updates, run_dir
+        for e in updates:
+            assert len(e["rss_mb_before"]) == 2, e
+            assert all(0 < before <= peak for before, peak in zip(e["rss_mb_before"],
+                                                                   e["peak_rss_mb"])), e
+
+
+@pytest.mark.multiprocess
 def test_plain_progress_lines_without_a_terminal(runs: dict) -> None:
     _, stdout = runs["dsl"]
     lines = [line for line in stdout.splitlines() if re.match(r"epoch \d+ step \d+/\d+ ", line)]
