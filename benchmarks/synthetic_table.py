@@ -4,13 +4,25 @@ The update's cost is a function of the table's size, not of what trained it, so 
 10^8 weights needs no data set of that size: this builds one item table of `weights` weights in
 this process (a group of one; NCCL and the GPU when CUDA is available), sharded, initialised
 and sparsified as training does, fills the growth statistic with random values (a trained
-table's are distinct, unlike a fresh table's zeros, which would make every choice a tie) and
-times one update.
+table's are distinct, unlike a fresh table's zeros, which would make every choice a tie) on a
+fraction of the rows (`touched`: the rest stay 0, as the rows no step looked up) and times one
+update.
+
+    python benchmarks/synthetic_table.py [--weights 1e8] [--touched 1.0 0.03]
+                                         [--methods dsl block_dsl]
+
+writes benchmarks/results/update_synthetic.json (one process per update, world size 1).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +32,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from dsl_dist.config import ControlConfig, ModelConfig, SparsityConfig, TrainConfig
 from dsl_dist.control import connect_controller
 from dsl_dist.distributed import DistContext, init_distributed, shutdown_distributed
-from dsl_dist.memory import PeakTracker, high_water_marks
+from dsl_dist.memory import PeakTracker, high_water_marks, release_freed_memory, rss_mb
 from dsl_dist.model.sharding import embedding_tables, shard_model
 from dsl_dist.model.shards import init_normal_, local_table_shards
 from dsl_dist.registry import SPARSITY_METHODS, load
@@ -44,15 +56,21 @@ class Catalogue(nn.Module):
             device=torch.device("meta"))
 
 
-def _randomise_growth(sparsity: SparsityMethod) -> None:
+def _randomise_growth(sparsity: SparsityMethod, touched: float = 1.0) -> None:
     """Distinct growth statistics, as training leaves them (the method's own tensors: dsl's
-    per weight, block_dsl's per row), drawn where they live."""
+    per weight, block_dsl's per row), drawn where they live, on a `touched` fraction of the
+    rows and zero elsewhere (rows no step looked up in the window: in training most of them,
+    and then the grow threshold is 0 and most candidates tie there)."""
     for shard in sparsity.shards:
         for name in ("growth", "grow_next", "grow_last"):
             if hasattr(shard, name):
                 stat = getattr(shard, name)
                 generator = torch.Generator(device=stat.device).manual_seed(SEED)
                 stat.copy_(torch.rand(stat.shape, generator=generator, device=stat.device))
+                if touched < 1:
+                    untouched = torch.rand(stat.shape[0], generator=generator,
+                                           device=stat.device) >= touched
+                    stat[untouched] = 0
 
 
 def build(method: str, ctx: DistContext, rows: int, dim: int, density: float
@@ -74,15 +92,18 @@ def build(method: str, ctx: DistContext, rows: int, dim: int, density: float
                                                          ctx, schedule, budgets, unit)))
 
 
-def update_once(method: str, weights: int, dim: int, density: float) -> dict[str, Any]:
-    """Builds the catalogue (ceil(weights / dim) rows), runs one update and returns its
-    record's figures with the update's peak memory (CUDA allocated memory on a GPU, RSS on
-    CPU)."""
+def update_once(method: str, weights: int, dim: int, density: float, touched: float = 1.0
+                ) -> dict[str, Any]:
+    """Builds the catalogue (ceil(weights / dim) rows), runs one update (growth statistics
+    on a `touched` fraction of the rows) and returns its record's figures with the update's
+    peak memory (CUDA allocated memory on a GPU, RSS on CPU)."""
     ctx = init_distributed("auto")
     try:
         rows = math.ceil(weights / dim)
         sparsity = build(method, ctx, rows, dim, density)
-        _randomise_growth(sparsity)
+        _randomise_growth(sparsity, touched)
+        release_freed_memory()  # as the trainer does after the initial masks
+        before = rss_mb()
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         peaks = PeakTracker(high_water_marks(ctx.device))
@@ -90,9 +111,45 @@ def update_once(method: str, weights: int, dim: int, density: float) -> dict[str
         record = sparsity.update(1)
         memory = peaks.stop()
         return {"method": method, "weights": rows * dim, "rows": rows, "dim": dim,
-                "density": density, "device": str(ctx.device), "backend": ctx.backend,
+                "density": density, "touched_rows": touched, "device": str(ctx.device),
+                "backend": ctx.backend,
                 "optimizer": OPTIMIZER[ctx.device.type], "seconds": record["seconds"],
                 "active": record["active"], "budget": record["budget"],
-                "moved": record["grown"], **memory}
+                "moved": record["grown"], "rss_mb_before": before, **memory}
     finally:
         shutdown_distributed()
+
+
+def main() -> None:
+    """One update per (method, touched fraction), each in a process of its own (a group of
+    one), written to benchmarks/results/update_synthetic.json as {"rows": [...]}."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", type=float, default=1e8)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--density", type=float, default=0.2)
+    parser.add_argument("--methods", nargs="+", default=["dsl", "block_dsl"])
+    parser.add_argument("--touched", nargs="+", type=float, default=[1.0, 0.03])
+    parser.add_argument("--one", nargs=2, metavar=("METHOD", "TOUCHED"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:  # the child process: one update, its figures on stdout
+        print(json.dumps(update_once(args.one[0], int(args.weights), args.dim, args.density,
+                                     float(args.one[1]))))
+        return
+    rows = []
+    for method in args.methods:
+        for touched in args.touched:
+            env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29631"}
+            out = subprocess.run([sys.executable, __file__, "--weights", str(args.weights),
+                                  "--dim", str(args.dim), "--density", str(args.density),
+                                  "--one", method, str(touched)], env=env, check=True,
+                                 capture_output=True, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+    path = Path(__file__).resolve().parent / "results" / "update_synthetic.json"
+    path.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
