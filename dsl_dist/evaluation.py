@@ -108,8 +108,9 @@ def evaluate(model: DistributedModelParallel, dataset_dir: Path, split: str, num
     user_batch = max(1, (memory_mb << 20) // (BYTES_PER_SCORE * block))
     items = recommender.item_side(ctx.device, block)
     targets = read_user_items(dataset_dir, split, rank=ctx.rank, world_size=ctx.world_size)
-    seen = read_user_items(dataset_dir, "train", rank=ctx.rank, world_size=ctx.world_size)
     users = sampled_users(targets.users, max_users, seed, ctx)
+    seen = read_user_items(dataset_dir, "train", rank=ctx.rank, world_size=ctx.world_size,
+                           only=users)  # the scored users' train items: what scoring excludes
     num_batches = ctx.all_reduce_max(math.ceil(len(users) / user_batch))
     sums = {name: torch.zeros((), dtype=torch.float64)
             for k in ks for name in (f"recall@{k}", f"ndcg@{k}")}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -232,14 +232,18 @@ class UserItems:
 
 
 def read_user_items(dataset_dir: Path, split: str, *, rank: int, world_size: int,
-                    verify_checksums: bool = True) -> UserItems:
-    """The interactions of users with user % world_size == rank, streamed and filtered."""
+                    verify_checksums: bool = True,
+                    only: Optional[np.ndarray] = None) -> UserItems:
+    """The interactions of users with user % world_size == rank (of those in `only`, when
+    given), streamed and filtered."""
     manifest = Manifest.load(dataset_dir)
     reader = ShardReader(dataset_dir, manifest, verify_checksums)
     users, items = [], []
     for group in reader.row_groups(split):
         u, i = reader.read(group)
         keep = u % world_size == rank
+        if only is not None:
+            keep &= np.isin(u, only)
         users.append(u[keep])
         items.append(i[keep])
     all_users = np.concatenate(users) if users else np.empty(0, np.int64)

@@ -17,7 +17,7 @@ collectives: every rank calls them equally often (the evaluation sees to it); `s
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -86,6 +86,22 @@ def ones(n: int, device: torch.device) -> torch.Tensor:
 def collection_keys(collection: EmbeddingBagCollection) -> list[str]:
     """The feature names of a collection, in its tables' order."""
     return [f for table in collection.embedding_bag_configs() for f in table.feature_names]
+
+
+def rows_in_chunks(count: int, chunk: int, device: torch.device,
+                   rows_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """rows_of(ids) for ids [0, count), `chunk` ids at a time, written into one tensor (a
+    torch.cat of the chunks would hold them all and the result at once: twice the memory)."""
+    ids = torch.arange(count, device=device)
+    if not count:
+        return rows_of(ids)
+    out: Optional[torch.Tensor] = None
+    for start in range(0, count, chunk):
+        rows = rows_of(ids[start:start + chunk])
+        if out is None:
+            out = rows.new_empty((count, *rows.shape[1:]))
+        out[start:start + len(rows)] = rows
+    return out
 
 
 def lookup(collection: nn.Module, keys: list[str], feature: str, ids: torch.Tensor,

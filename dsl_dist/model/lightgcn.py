@@ -27,7 +27,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from dsl_dist.data.graph import (PropagationBags, check_num_layers, load_propagation_bags,
                                  read_graph)
 from dsl_dist.data.stream import ITEM_FEATURE, USER_FEATURE, negative_feature_names
-from dsl_dist.model.base import Recommender, collection_keys, feature_batch, ones
+from dsl_dist.model.base import Recommender, collection_keys, feature_batch, ones, rows_in_chunks
 from dsl_dist.model.mf import ITEM_TABLE, USER_TABLE, bpr_loss
 
 if TYPE_CHECKING:
@@ -125,9 +125,8 @@ class LightGCN(Recommender):
         """Final embeddings of all items (bags), or of all nodes (full)."""
         if not self.bags:
             return self._propagated_full(device)[0]
-        ids = torch.arange(self.num_items, device=device)
-        return torch.cat([self._propagated_bags({ITEM_FEATURE: part})[0][ITEM_FEATURE]
-                          for part in ids.split(chunk)])
+        return rows_in_chunks(self.num_items, chunk, device, lambda ids: self._propagated_bags(
+            {ITEM_FEATURE: ids})[0][ITEM_FEATURE])
 
     @torch.no_grad()
     def user_side(self, items: torch.Tensor, users: torch.Tensor,

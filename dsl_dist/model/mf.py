@@ -10,7 +10,7 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
 from dsl_dist.data.stream import ITEM_FEATURE, USER_FEATURE, negative_feature_names
-from dsl_dist.model.base import Recommender, collection_keys, lookup
+from dsl_dist.model.base import Recommender, collection_keys, lookup, rows_in_chunks
 
 if TYPE_CHECKING:
     from dsl_dist.config import JobConfig
@@ -58,9 +58,8 @@ class MatrixFactorization(Recommender):
     @torch.no_grad()
     def item_side(self, device: torch.device, chunk: int) -> torch.Tensor:
         """All item embeddings (num_items, dim)."""
-        ids = torch.arange(self.num_items, device=device)
-        return torch.cat([lookup(self.embeddings, self.keys, ITEM_FEATURE, part)
-                          for part in ids.split(chunk)])
+        return rows_in_chunks(self.num_items, chunk, device,
+                              lambda ids: lookup(self.embeddings, self.keys, ITEM_FEATURE, ids))
 
     @torch.no_grad()
     def user_side(self, items: torch.Tensor, users: torch.Tensor,

@@ -16,7 +16,7 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
 from dsl_dist.data.stream import ITEM_FEATURE, USER_FEATURE, negative_feature_names
-from dsl_dist.model.base import Recommender, collection_keys, lookup
+from dsl_dist.model.base import Recommender, collection_keys, lookup, rows_in_chunks
 
 if TYPE_CHECKING:
     from dsl_dist.config import JobConfig
@@ -93,9 +93,9 @@ class NeuMF(Recommender):
     @torch.no_grad()
     def item_side(self, device: torch.device, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(GMF item embeddings, the first MLP layer's item half), for all items."""
-        ids = torch.arange(self.num_items, device=device).split(chunk)
-        gmf = torch.cat([lookup(self.gmf, self.keys, ITEM_FEATURE, part) for part in ids])
-        mlp = torch.cat([lookup(self.mlp, self.keys, ITEM_FEATURE, part) for part in ids])
+        gmf, mlp = (rows_in_chunks(self.num_items, chunk, device,
+                                   lambda ids, c=c: lookup(c, self.keys, ITEM_FEATURE, ids))
+                    for c in (self.gmf, self.mlp))
         return gmf, self._first_layer(None, mlp)
 
     @torch.no_grad()
