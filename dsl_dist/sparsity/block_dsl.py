@@ -37,13 +37,11 @@ from dsl_dist.sparsity.block_hooks import PoolKernelHooks
 from dsl_dist.sparsity.block_pool import PoolGeometry, block_collections, pool_collections
 from dsl_dist.sparsity.block_shard import PoolShard
 from dsl_dist.sparsity.block_state import BlockValues, LayoutState
-from dsl_dist.sparsity.masks import POSITION_SCRAMBLE, uniform_hash
+from dsl_dist.sparsity.masks import uniform_hash
 from dsl_dist.sparsity.selection import Part, local_counts, select_across, select_extreme
 
 if TYPE_CHECKING:
     from dsl_dist.checkpoint import CheckpointStore
-
-_DIGEST_BITS = 32
 
 
 def transform_model(cfg: SparsityConfig, model: nn.Module) -> nn.Module:
@@ -159,11 +157,8 @@ class BlockDSL(SparsityMethod):
     def _drop_parts(self, members: list[PoolShard]) -> list[Part]:
         parts = []
         for s in members:
-            widths = s.widths.to(torch.int64)
-            last = (s.rowptr[:-1] + widths - 1).clamp(min=0)
-            norms = (s.shard.weight[last].float().norm(dim=1) if len(last)
-                     else torch.zeros(0, device=s.device))
-            parts.append(Part(norms, widths > self.cfg.block.min_blocks,
+            widths = s.widths.to(torch.int32)
+            parts.append(Part(s.last_block_norms(), widths > self.cfg.block.min_blocks,
                               lambda rows, s=s, w=widths: s.block_positions(rows, w[rows] - 1)))
         return parts
 
@@ -234,14 +229,9 @@ class BlockDSL(SparsityMethod):
         names = list(self.table_blocks)
         local = torch.zeros(len(names) + 1, dtype=torch.int64)
         for s in self.shards:
-            widths = s.widths.to(torch.int64)
-            rows = torch.repeat_interleave(torch.arange(s.num_rows, device=s.device), widths)
-            blocks = (torch.arange(len(rows), device=s.device)
-                      - torch.repeat_interleave(s.rowptr[:-1], widths))
-            positions = s.block_positions(rows, blocks)
-            local[names.index(s.table)] += len(positions) * self.block
-            hashes = (positions * POSITION_SCRAMBLE) >> (64 - _DIGEST_BITS)
-            local[-1] += int((hashes & ((1 << _DIGEST_BITS) - 1)).sum())
+            blocks, digest = s.active_digest()
+            local[names.index(s.table)] += blocks * self.block
+            local[-1] += digest
         total = self.ctx.all_reduce_sum(local)
         return {name: int(total[i]) for i, name in enumerate(names)}, f"{int(total[-1]):x}"
 

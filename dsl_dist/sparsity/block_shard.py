@@ -14,13 +14,17 @@ competes for regrowth when the update drops it (as a dropped weight does in weig
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 
 from dsl_dist.model.shards import TableShard
 from dsl_dist.sparsity.block_pool import PoolGeometry
+from dsl_dist.sparsity.masks import position_digest
 
 RELOCATION_ROWS = 1 << 16
-"""Rows whose blocks one step of `set_widths` moves at once (its extra memory: their blocks)."""
+"""Rows a pass over the layout takes at once (`set_widths` moves their blocks; the update's
+scores and digest gather theirs), so that its extra memory is theirs, not the shard's."""
 
 
 class PoolShard:
@@ -62,6 +66,33 @@ class PoolShard:
     @property
     def active_blocks(self) -> int:
         return int(self.rowptr[-1])
+
+    def row_chunks(self) -> Iterator[slice]:
+        return (slice(a, min(a + RELOCATION_ROWS, self.num_rows))
+                for a in range(0, self.num_rows, RELOCATION_ROWS))
+
+    def last_block_norms(self) -> torch.Tensor:
+        """float32 per row: the L2 norm of its last active block (a row without one gets some
+        block's: it is no drop candidate)."""
+        norms = torch.zeros(self.num_rows, device=self.device)
+        for rows in self.row_chunks():
+            last = (self.rowptr[rows].to(torch.int64) + self.widths[rows] - 1).clamp(min=0)
+            norms[rows] = self.shard.weight[last].float().norm(dim=1)
+        return norms
+
+    def active_digest(self) -> tuple[int, int]:
+        """The shard's active blocks and the digest of their global positions."""
+        count = digest = 0
+        for rows in self.row_chunks():
+            widths = self.widths[rows].to(torch.int64)
+            owners = torch.repeat_interleave(
+                torch.arange(rows.start, rows.stop, device=self.device), widths)
+            firsts = torch.cumsum(widths, 0) - widths
+            blocks = (torch.arange(len(owners), device=self.device)
+                      - torch.repeat_interleave(firsts, widths))
+            count += len(owners)
+            digest += position_digest(self.block_positions(owners, blocks))
+        return count, digest
 
     def block_positions(self, rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """Global positions of blocks (local rows, block index): the same for any sharding."""

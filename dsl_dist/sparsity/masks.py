@@ -24,6 +24,13 @@ _MIX_1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _MIX_2 = 0x94D049BB133111EB - (1 << 64)
 
 
+def position_digest(positions: torch.Tensor) -> int:
+    """The sum of a DIGEST_BITS-bit hash of each position (the top bits of position *
+    POSITION_SCRAMBLE): masks and layouts digest their active positions with it."""
+    hashes = (positions * POSITION_SCRAMBLE) >> (64 - DIGEST_BITS)
+    return int((hashes & ((1 << DIGEST_BITS) - 1)).sum())
+
+
 def uniform_hash(positions: torch.Tensor, seed: int) -> torch.Tensor:
     """A float32 in [0, 1) per position, a pure function of (seed, position) (splitmix64)."""
     seed_term = (seed * _MIX_2 + (1 << 63)) % (1 << 64) - (1 << 63)  # wrapped to int64
@@ -120,8 +127,7 @@ class MaskedShard:
             return chunk_kernels.count_and_digest(self.bits[rows].numpy(), self.num_cols,
                                                   *self.position_layout(rows))
         active = self.positions(rows)[self.mask_of(rows)]
-        hashes = (active * POSITION_SCRAMBLE) >> (64 - DIGEST_BITS)
-        return active.numel(), int((hashes & ((1 << DIGEST_BITS) - 1)).sum())
+        return active.numel(), position_digest(active)
 
     def keep_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """The mask of local rows `rows` as 0/1 bytes, the fastest factor to zero pruned weights
