@@ -47,6 +47,13 @@ LEVERS = {
     "h0.3": ["sparsity.block.headroom=0.3"],
     # a sparse row starts with a dense row's norm: init_std / sqrt(density) at d=0.2
     "init": ["model.init_std=0.0224"],
+    # the growth statistic summed over every step of the window, not every 10th
+    "ge1": ["sparsity.growth_every=1"],
+    # every row starts on the same first columns, as a dense model of width d × 64 (with
+    # `static`: that model, stored sparse)
+    "prefix": ["sparsity.init_mask=prefix"],
+    # grown weights start at a random value of the initial weights' std, not at zero
+    "growinit": ["sparsity.grow_init_std=0.01"],
 }
 USERS_ITEMS = 29_858 + 40_981  # gowalla; params = rows × dimension (× density)
 
@@ -65,38 +72,41 @@ def overrides(model: str, setting: str, lr: float, epochs: int | None,
             f"sparsity.density={value}", *(o for name in lever for o in LEVERS[name])]
 
 
-def run_name(model: str, setting: str, lr: float) -> str:
-    return f"{model}-{setting.replace(':', '-')}-lr{lr:g}"
+def run_name(model: str, setting: str, lr: float, epochs: int | None) -> str:
+    """`<model>-<setting>-lr<lr>`, and `-e<epochs>` when not the experiment config's."""
+    return f"{model}-{setting.replace(':', '-')}-lr{lr:g}" + (f"-e{epochs}" if epochs else "")
 
 
 def row_of(result: dict[str, Any]) -> dict[str, Any]:
     """A run's row: its identity, size and the figures of its best validation epoch."""
-    name = result["name"]
-    model, method, value, *variant, _ = name.split("-")
+    name, tuned = result["name"].split("-lr")
+    model, method, value, *variant = name.split("-")
     dense = method == "dense"
     dim, density = (int(value), 1.0) if dense else (FULL_DIM, float(value))
     best = result["best"]
-    return {"data": DATA, "model": model, "method": METHOD[method], "variant": variant[0]
-            if variant else None, "density": density,
+    return {"data": DATA, "model": model, "method": METHOD[method],
+            "variant": "+".join(variant) or None, "density": density,
             "embedding_dim": dim, "params": round(USERS_ITEMS * dim * density),
             "recall@20": best["recall@20"], "ndcg@20": best["ndcg@20"],
             "valid_recall@20": best["valid_recall@20"], "epochs": result["epochs"],
-            "best_epoch": best["epoch"], "lr": float(name.rsplit("-lr", 1)[1]),
+            "best_epoch": best["epoch"], "lr": float(tuned.split("-e")[0]),
             "train_minutes": round(result["wall_seconds"] / 60, 1)}
 
 
 def chosen_rows() -> list[dict[str, Any]]:
     """Of every (model, method, density, dimension), the run with the best validation
-    Recall@20 over the learning rates tried."""
+    Recall@20 over the learning rates and epoch budgets tried (a longer run's curve holds a
+    shorter one's best epochs too, chosen on validation all the same)."""
     best: dict[tuple, dict[str, Any]] = {}
     for path in sorted(RUNS.glob("*.json")):
         row = row_of(json.loads(path.read_text()))
         key = (row["model"], row["method"], row["variant"], row["density"],
                row["embedding_dim"])
-        tried = best.get(key, {}).get("lrs_tried", [])
+        lrs, epochs = (best.get(key, {}).get(f, []) for f in ("lrs_tried", "epochs_tried"))
         if key not in best or row["valid_recall@20"] > best[key]["valid_recall@20"]:
             best[key] = row
-        best[key]["lrs_tried"] = sorted({*tried, row["lr"]})
+        best[key]["lrs_tried"] = sorted({*lrs, row["lr"]})
+        best[key]["epochs_tried"] = sorted({*epochs, row["epochs"]})
     return sorted(best.values(), key=lambda r: (r["model"], -r["params"], r["method"],
                                                  r["variant"] or ""))
 
@@ -109,13 +119,14 @@ def write_table(rows: list[dict[str, Any]]) -> None:
              "split); every run's epoch and learning rate are chosen by validation Recall@20, "
              "and the test figures are those of that choice.", "",
              "| model | method | density | dim | params | test Recall@20 | test NDCG@20 | "
-             "valid Recall@20 | best epoch / epochs | lr (of tried) |",
+             "valid Recall@20 | best epoch / epochs (of tried) | lr (of tried) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         method = r["method"] + (f" ({r['variant']})" if r["variant"] else "")
         lines.append(f"| {r['model']} | {method} | {r['density']:g} | {r['embedding_dim']} | "
                      f"{r['params'] / 1e6:.2f}M | {r['recall@20']:.4f} | {r['ndcg@20']:.4f} | "
-                     f"{r['valid_recall@20']:.4f} | {r['best_epoch']} / {r['epochs']} | "
+                     f"{r['valid_recall@20']:.4f} | {r['best_epoch']} / {r['epochs']} "
+                     f"({', '.join(map(str, r['epochs_tried']))}) | "
                      f"{r['lr']:g} ({', '.join(f'{x:g}' for x in r['lrs_tried'])}) |")
     (RESULTS / "equal_budget.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -135,7 +146,7 @@ def main(argv: list[str]) -> None:
         for model in args.models:
             for setting in args.settings:
                 for lr in args.lrs:
-                    name = run_name(model, setting, lr)
+                    name = run_name(model, setting, lr, args.epochs)
                     if (RUNS / f"{name}.json").exists() and not args.rerun:
                         continue
                     run_benchmark(name, overrides(model, setting, lr, args.epochs,

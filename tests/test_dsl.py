@@ -266,3 +266,58 @@ def test_growth_is_recorded_on_the_steps_it_needs(tmp_path: Path) -> None:
     # every 3rd step, and the update step (5; none at the run's last step, 10)
     assert steps["accumulated/3"] == [3, 5, 6, 9]
     assert steps["last_batch/3"] == [5]
+
+
+def initial_prefix_masks(sharding_type: str) -> dict:
+    from dsl_dist.distributed import shutdown_distributed
+
+    _, _, dsl = build(sharding_type, init_mask="prefix")
+    result = {"masks": dump_masks(dsl), "budget": dsl.budget}
+    shutdown_distributed()
+    return result
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("sharding_type", ["row_wise", "column_wise"])
+def test_prefix_initial_masks_fill_the_first_columns_on_any_world_size(
+        sharding_type: str, tmp_path: Path) -> None:
+    one = run_ranks(initial_prefix_masks, 1, tmp_path / "one", sharding_type)
+    two = run_ranks(initial_prefix_masks, 2, tmp_path / "two", sharding_type)
+    single, double = full_masks([one[0]["masks"]]), full_masks([r["masks"] for r in two])
+    budget = one[0]["budget"]
+    rows = NUM_USERS + NUM_ITEMS
+    full, extra = divmod(budget, rows)  # 0.3 × 8 columns: 2 for every row, a third for some
+    assert full == 2 and extra > 0
+    for table, mask in single.items():
+        assert torch.equal(mask, double[table]), table
+        assert bool(mask[:, :full].all()) and not bool(mask[:, full + 1:].any()), table
+    assert sum(int(m[:, full].sum()) for m in single.values()) == extra
+
+
+def grown_weights(sharding_type: str) -> list:
+    """(table, row, col, value) of every weight one update grows, with grow_init_std."""
+    from dsl_dist.distributed import shutdown_distributed
+    from dsl_dist.sparsity.masks import uniform_hash
+
+    _, _, dsl = build(sharding_type, grow_init_std=0.05)
+    before = [s.mask.clone() for s in dsl.shards]
+    for s in dsl.shards:
+        s.growth.copy_(uniform_hash(s.positions(), seed=99))
+    dsl.update(step=1)
+    grown = []
+    for s, old in zip(dsl.shards, before):
+        for row, col in torch.nonzero(s.mask & ~old).tolist():
+            grown.append([s.table, s.shard.row_offset + row, s.shard.col_offset + col,
+                          float(s.shard.weight[row, col])])
+    shutdown_distributed()
+    return grown
+
+
+@pytest.mark.multiprocess
+def test_grown_weights_start_at_the_same_random_values_on_any_world_size(tmp_path: Path) -> None:
+    one = run_ranks(grown_weights, 1, tmp_path / "one", "row_wise")[0]
+    two = [w for rank in run_ranks(grown_weights, 2, tmp_path / "two", "row_wise") for w in rank]
+    assert len(one) > 20 and sorted(one) == sorted(two)
+    values = torch.tensor([w[3] for w in one])
+    assert bool((values != 0).all()) and bool((values.abs() <= 0.05 * 3 ** 0.5).all())
+    assert 0.03 < float(values.std()) < 0.07

@@ -73,6 +73,16 @@ class SparsityConfig:
     fused optimizer applies it (cheaper than re-masking rows after each step; row-wise
     Adagrad then accumulates only active weights' gradients, which changes its step size:
     see README). Needs reset_optimizer_state."""
+    init_mask: str = "uniform"
+    """dsl: the initial mask. uniform (the paper): the weights of smallest hash of their
+    position, so two rows share about density² of their columns; prefix: every row's first
+    columns (the rows of smallest hash one more, to the exact budget), so rows share their
+    columns as a dense model of width density × cols does (block_dsl always starts so)."""
+    grow_init_std: float = 0.0
+    """dsl: grown weights start at zero (0, RigL and the paper) or at a uniform value of this
+    standard deviation, a pure function of (seed, step, position) (SET). In MF a user's and an
+    item's weight of one column both at zero get no gradient, so zero-grown weights can only
+    join columns their partners already use."""
     growth_dtype: str = "bfloat16"
     """dsl: the growth statistic's dtype, bfloat16 (2 bytes a weight; the ranking it gives
     differs from float32's only between scores within 0.4% of each other) or float32."""
@@ -95,6 +105,10 @@ class SparsityConfig:
                  "must be last_batch or accumulated", self.growth)
         require(self.growth_every >= 1, "sparsity.growth_every", "must be >= 1",
                  self.growth_every)
+        require(self.init_mask in ("uniform", "prefix"), "sparsity.init_mask",
+                "must be uniform or prefix", self.init_mask)
+        require(self.grow_init_std >= 0, "sparsity.grow_init_std", "must be >= 0",
+                self.grow_init_std)
         require(self.growth_dtype in ("bfloat16", "float32"), "sparsity.growth_dtype",
                 "must be bfloat16 or float32", self.growth_dtype)
         require(self.update_memory_mb >= 1, "sparsity.update_memory_mb", "must be >= 1",

@@ -31,7 +31,7 @@ from dsl_dist.model.shards import DenseBlock, WeightBlock, dense_blocks, local_t
 from dsl_dist.sparsity.base import Controller, SparsityMethod, SparsitySetup
 from dsl_dist.sparsity.budget import Group, budget_groups, position_bases
 from dsl_dist.sparsity.candidates import ShardCandidates
-from dsl_dist.sparsity.fastops import pack_bits, popcount, zero_where_
+from dsl_dist.sparsity.fastops import pack_bits, popcount, unpack_bits, zero_where_
 from dsl_dist.sparsity.growth import GrowthRecorder
 from dsl_dist.sparsity.masks import MaskedShard, uniform_hash
 from dsl_dist.sparsity.streaming import Selection, select_streaming
@@ -142,13 +142,21 @@ class DynamicSparseTraining(SparsityMethod):
                 for name in packed:
                     self.ctx.broadcast_tensor(getattr(s, name))
 
+    def _initial_scores(self, s: MaskedShard, rows: slice) -> tuple[torch.Tensor, None]:
+        """The initial mask's score of each weight of `rows` (smallest first): its position's
+        hash in [0, 1), plus its column under init_mask=prefix (so columns fill in order)."""
+        scores = uniform_hash(s.positions(rows), self.seed)
+        if self.cfg.init_mask == "prefix":
+            scores += torch.arange(s.shard.col_offset, s.shard.col_offset + s.num_cols,
+                                   dtype=scores.dtype, device=scores.device)
+        return scores, None
+
     @torch.no_grad()
     def _init_masks(self) -> None:
-        """Exactly `budget` active weights per group, at the positions of smallest hash."""
+        """Exactly `budget` active weights per group, at the positions of smallest initial
+        score."""
         for group in self.groups:
-            source, chosen = self._select(
-                group, group.budget, False,
-                lambda s, rows: (uniform_hash(s.positions(rows), self.seed), None))
+            source, chosen = self._select(group, group.budget, False, self._initial_scores)
             bits = self._chosen_bits(source, chosen)
             for s in source.shards:
                 s.bits = bits[id(s)]
@@ -188,7 +196,7 @@ class DynamicSparseTraining(SparsityMethod):
             grows, grow = self._select(group, k, True, lambda s, rows: (
                 s.growth[rows], ~s.bits[rows] | dropped[id(s)][rows]),
                 score_bits=8 * self.growth_bytes)
-            moved += self._move(group, dropped, self._chosen_bits(grows, grow))
+            moved += self._move(group, dropped, self._chosen_bits(grows, grow), step)
         for s in self.shards:
             s.growth.zero_()
         active, digest = self.active_per_table()
@@ -202,12 +210,12 @@ class DynamicSparseTraining(SparsityMethod):
         return record
 
     def _move(self, group: Group, dropped: dict[int, torch.Tensor],
-              grown: dict[int, torch.Tensor]) -> torch.Tensor:
+              grown: dict[int, torch.Tensor], step: int) -> torch.Tensor:
         """Applies the group's drop and grow (packed masks of the shards this rank offers):
         new masks (rank 0's for replicated shards), reset optimizer state, dropped weights
         zeroed (the others inactive are zero already: every step re-zeroes the rows it
-        updated, and grown weights start at zero). Returns this rank's (dropped, grown,
-        regrown) counts."""
+        updated) and grown ones initialised. Returns this rank's (dropped, grown, regrown)
+        counts."""
         moved = torch.zeros(3, dtype=torch.int64)
         for s in self._members(group):
             old = s.bits
@@ -226,8 +234,22 @@ class DynamicSparseTraining(SparsityMethod):
                 if self.cfg.reset_optimizer_state:
                     self._reset_optimizer_state(s, rows, old[rows], new[rows])
                 zero_where_(s.shard.weight[rows], old[rows] & ~new[rows])
+                if self.cfg.grow_init_std:
+                    self._initialise_grown(s, rows, new[rows] & ~old[rows], step)
             s.bits = new
         return moved
+
+    def _initialise_grown(self, s: MaskedShard, rows: slice, grown: torch.Tensor,
+                          step: int) -> None:
+        """Gives the weights grown in `rows` (packed) a uniform value of std grow_init_std,
+        a pure function of (seed, step, position): the same on any world size."""
+        flat = torch.nonzero(unpack_bits(grown, s.num_cols).reshape(-1)).flatten()
+        if not len(flat):
+            return
+        unit = uniform_hash(s.positions_at(flat + rows.start * s.num_cols), self.seed + step)
+        values = (2 * unit - 1) * (3 ** 0.5 * self.cfg.grow_init_std)
+        row, col = flat // s.num_cols, flat % s.num_cols
+        s.shard.weight[rows][row, col] = values.to(s.shard.weight.dtype)
 
     @staticmethod
     def _reset_optimizer_state(shard: MaskedShard, rows: slice, old: torch.Tensor,
