@@ -203,8 +203,8 @@ class BlockDSL(SparsityMethod):
             members = self._members(group)
             dropped, grown = self._drop_and_grow(members, k)
             for s, drop, grow in zip(members, dropped, grown):
-                widths = s.widths.to(torch.int64) - drop.to(torch.int64) + grow.to(torch.int64)
-                regrown = grow & (widths - 1 < s.high_water.to(torch.int64))
+                widths = s.widths.to(torch.int16) - drop.to(torch.int16) + grow.to(torch.int16)
+                regrown = grow & (widths - 1 < s.high_water.to(torch.int16))
                 moved += torch.tensor([int(drop.sum()), int(grow.sum()), int(regrown.sum())])
                 s.set_widths(widths.to(torch.uint8))
         for s in self.shards:

@@ -128,33 +128,36 @@ class PoolShard:
         """Gives every row a new width and moves the blocks it keeps to the new layout, in
         place; its new blocks, and every slot past the last block, are zeroed with their
         optimizer state. Refuses a layout beyond the shard's slots."""
-        new_ptr = torch.zeros(self.num_rows + 1, dtype=torch.int64, device=self.device)
-        torch.cumsum(widths.to(torch.int64), 0, out=new_ptr[1:])
+        # per-row arrays in the layout's own dtypes (uint8 widths, int32 offsets); int64 only
+        # a chunk of rows at a time
+        widths = widths.to(self.widths.dtype)
+        new_ptr = torch.zeros(self.num_rows + 1, dtype=torch.int32, device=self.device)
+        torch.cumsum(widths, 0, dtype=torch.int32, out=new_ptr[1:])
         if int(new_ptr[-1]) > self.capacity:
             raise RuntimeError(f"{self.table}: {int(new_ptr[-1])} active blocks exceed the "
                                f"{self.capacity} slots of the shard at row {self.first_row}; "
                                "raise sparsity.block.headroom")
-        new_widths = widths.to(torch.int64)
-        kept = torch.minimum(self.widths.to(torch.int64), new_widths)
-        old_ptr = self.rowptr.to(torch.int64)
-        delta = new_ptr[:-1] - old_ptr[:-1]
+        kept = torch.minimum(self.widths, widths)
+        delta = new_ptr[:-1] - self.rowptr[:-1]
         tensors = self.tensors()
         for upwards in (False, True):  # down-movers from the bottom, then up-movers from the top
             rows = torch.nonzero(((delta > 0) if upwards else (delta < 0)) & (kept > 0)).flatten()
             for chunk in (rows.flip(0) if upwards else rows).split(RELOCATION_ROWS):
-                source = _expand(old_ptr[chunk], kept[chunk])
-                target = source + torch.repeat_interleave(delta[chunk], kept[chunk])
+                counts = kept[chunk].to(torch.int64)
+                source = _expand(self.rowptr[chunk].to(torch.int64), counts)
+                target = source + torch.repeat_interleave(delta[chunk].to(torch.int64), counts)
                 for tensor in tensors:
                     tensor.index_copy_(0, target, tensor.index_select(0, source))
-        grown = torch.nonzero(new_widths > kept).flatten()
+        grown = torch.nonzero(widths > kept).flatten()
         for chunk in grown.split(RELOCATION_ROWS):
-            fresh = _expand(new_ptr[chunk] + kept[chunk], new_widths[chunk] - kept[chunk])
+            fresh = _expand(new_ptr[chunk].to(torch.int64) + kept[chunk],
+                            (widths[chunk] - kept[chunk]).to(torch.int64))
             for tensor in tensors:
                 tensor.index_fill_(0, fresh, 0)
         for tensor in tensors:
             tensor[int(new_ptr[-1]):] = 0
         self.widths.copy_(widths)
-        self.rowptr = new_ptr.to(torch.int32)
+        self.rowptr = new_ptr
         self.high_water = torch.maximum(self.high_water, self.widths)
 
 
