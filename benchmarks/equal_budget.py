@@ -52,6 +52,8 @@ LEVERS = {
     # every row starts on the same first columns, as a dense model of width d × 64 (with
     # `static`: that model, stored sparse)
     "prefix": ["sparsity.init_mask=prefix"],
+    # a smaller update fraction (the experiment config's zeta_0 is 0.8)
+    "z0.2": ["sparsity.zeta_0=0.2"],
     # grown weights start at a random value of the initial weights' std, not at zero
     "growinit": ["sparsity.grow_init_std=0.01"],
 }
