@@ -87,9 +87,7 @@ class PoolShard:
             widths = self.widths[rows].to(torch.int64)
             owners = torch.repeat_interleave(
                 torch.arange(rows.start, rows.stop, device=self.device), widths)
-            firsts = torch.cumsum(widths, 0) - widths
-            blocks = (torch.arange(len(owners), device=self.device)
-                      - torch.repeat_interleave(firsts, widths))
+            blocks = _expand(torch.zeros_like(widths), widths)
             count += len(owners)
             digest += position_digest(self.block_positions(owners, blocks))
         return count, digest
