@@ -54,6 +54,8 @@ def test_unknown_key_and_wrong_type_are_refused() -> None:
     ("sparsity=dsl train.max_steps=100 sparsity.t_end=101", "sparsity.t_end"),
     ("sparsity=dsl sparsity.scope=everywhere", "sparsity.scope"),
     ("sparsity=dsl sparsity.growth_every=0", "sparsity.growth_every"),
+    ("sparsity=dsl sparsity.init_mask=diagonal", "sparsity.init_mask"),
+    ("sparsity=dsl sparsity.grow_init_std=-0.01", "sparsity.grow_init_std"),
     ("control.controller=zookeeper", "control.controller"),
     ("ray.num_workers=0", "ray.num_workers"),
     ("ray.cpus_per_worker=0", "ray.cpus_per_worker"),
