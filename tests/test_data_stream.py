@@ -198,6 +198,16 @@ def test_user_items_partition_the_split(dataset: Path, split: str,
     assert merged == expected
 
 
+def test_user_items_of_only_some_users(dataset: Path) -> None:
+    whole = read_user_items(dataset, "train", rank=1, world_size=2)
+    only = whole.users[::3]
+    part = read_user_items(dataset, "train", rank=1, world_size=2, only=only)
+    assert np.array_equal(part.users, only)
+    for k, user in enumerate(part.users):
+        assert np.array_equal(part.items_of(k),
+                              whole.items_of(int(np.searchsorted(whole.users, user))))
+
+
 def tiny_dataset(directory: Path, train: str, test: str) -> Path:
     """A prepared data set of LightGCN-format train and test lines."""
     (directory / "train.txt").write_text(train)
