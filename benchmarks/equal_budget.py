@@ -1,10 +1,12 @@
 """DSL against the dense model of the same size, each tuned and selected on validation.
 
-    python benchmarks/equal_budget.py [--models mf lightgcn] [--settings dense:12 dsl:0.2 ...]
-                                      [--lrs 0.05 0.1] [--epochs N] [--rerun] [--table-only]
+    python benchmarks/equal_budget.py [--data gowalla] [--models mf lightgcn]
+                                      [--settings dense:12 dsl:0.2 ...] [--lrs 0.05 0.1]
+                                      [--epochs N] [--rerun] [--table-only]
 
 The protocol: gowalla's train split loses 10% of each user's interactions to a validation
-split (data.valid_fraction=0.1, a prepared copy of its own); every run evaluates validation and
+split (data.valid_fraction=0.1, a prepared copy of its own); lastfm has its own validation
+split. Every run evaluates validation and
 test every `--eval-every` epochs; its result is the epoch with the best validation Recall@20
 (eval.select_split=valid), and of the learning rates in `--lrs` (the same grid and epochs for
 every method) the one whose best validation Recall@20 is highest. Test never chooses anything.
@@ -12,10 +14,11 @@ every method) the one whose best validation Recall@20 is highest. Test never cho
 A setting is `dense:DIM` (a dense model of embedding dimension DIM: 64 is the full model, 16
 and 12 neighbour density 0.2's budget, 8 and 4 density 0.1's) or `METHOD:DENSITY` with METHOD
 `dsl` (unstructured) or `block_dsl` (structured), both at dimension 64, with the DSL settings
-of `configs/experiment/<model>_gowalla.yaml`; a third part names a lever (`block_dsl:0.2:static`,
+of `configs/experiment/<model>_<data>.yaml`; a third part names a lever (`block_dsl:0.2:static`,
 see LEVERS), reported as an ablation row with its `variant`, never chosen over the plain
 settings (the dense models get no such extra tuning). Each run writes
-benchmarks/results/equal_budget/<model>-<setting>-lr<lr>.json (train_benchmark.py's figures)
+benchmarks/results/equal_budget/<data>/<model>-<setting>-lr<lr>.json (train_benchmark.py's
+figures)
 and is skipped when that file exists unless --rerun; then benchmarks/results/equal_budget.json
 and equal_budget.md are written from every run there.
 """
@@ -31,10 +34,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_benchmark import REPO, RESULTS, run_benchmark  # noqa: E402
 
+from dsl_dist.data.manifest import Manifest  # noqa: E402
+
 RUNS = RESULTS / "equal_budget"
-DATA = "gowalla"
 VALID_FRACTION = 0.1
-PREPARED = f"data/{DATA}-valid{int(VALID_FRACTION * 100)}"
+DATA = {"gowalla": [f"data.path=data/gowalla-valid{int(VALID_FRACTION * 100)}",
+                    f"data.valid_fraction={VALID_FRACTION}"],
+        "lastfm": []}
+"""Each data set's overrides for a validation split (lastfm's is its own valid.txt)."""
 FULL_DIM = 64
 SETTINGS = ("dense:64", "dense:16", "dense:12", "dense:8", "dense:4", "dsl:0.2", "dsl:0.1",
             "block_dsl:0.2", "block_dsl:0.1")
@@ -57,14 +64,12 @@ LEVERS = {
     # grown weights start at a random value of the initial weights' std, not at zero
     "growinit": ["sparsity.grow_init_std=0.01"],
 }
-USERS_ITEMS = 29_858 + 40_981  # gowalla; params = rows × dimension (× density)
 
 
-def overrides(model: str, setting: str, lr: float, epochs: int | None,
+def overrides(data: str, model: str, setting: str, lr: float, epochs: int | None,
               eval_every: int) -> list[str]:
     method, value, *lever = setting.split(":")
-    common = [f"+experiment={model}_{DATA}", f"data.path={PREPARED}",
-              f"data.valid_fraction={VALID_FRACTION}", "eval.select_split=valid",
+    common = [f"+experiment={model}_{data}", *DATA[data], "eval.select_split=valid",
               f"eval.every_epochs={eval_every}", "checkpoint.keep_best=false", f"train.lr={lr}"]
     if epochs:
         common.append(f"train.epochs={epochs}")
@@ -79,16 +84,24 @@ def run_name(model: str, setting: str, lr: float, epochs: int | None) -> str:
     return f"{model}-{setting.replace(':', '-')}-lr{lr:g}" + (f"-e{epochs}" if epochs else "")
 
 
-def row_of(result: dict[str, Any]) -> dict[str, Any]:
+def table_rows(data: str) -> int:
+    """Users + items of the prepared data set (a run prepares it): params = rows × dimension
+    (× density)."""
+    path = next(o for o in [*DATA[data], f"data.path=data/{data}"] if o.startswith("data.path"))
+    manifest = Manifest.load(REPO / path.split("=", 1)[1])
+    return manifest.num_users + manifest.num_items
+
+
+def row_of(data: str, result: dict[str, Any]) -> dict[str, Any]:
     """A run's row: its identity, size and the figures of its best validation epoch."""
     name, tuned = result["name"].split("-lr")
     model, method, value, *variant = name.split("-")
     dense = method == "dense"
     dim, density = (int(value), 1.0) if dense else (FULL_DIM, float(value))
     best = result["best"]
-    return {"data": DATA, "model": model, "method": METHOD[method],
+    return {"data": data, "model": model, "method": METHOD[method],
             "variant": "+".join(variant) or None, "density": density,
-            "embedding_dim": dim, "params": round(USERS_ITEMS * dim * density),
+            "embedding_dim": dim, "params": round(table_rows(data) * dim * density),
             "recall@20": best["recall@20"], "ndcg@20": best["ndcg@20"],
             "valid_recall@20": best["valid_recall@20"], "epochs": result["epochs"],
             "best_epoch": best["epoch"], "lr": float(tuned.split("-e")[0]),
@@ -100,32 +113,33 @@ def chosen_rows() -> list[dict[str, Any]]:
     Recall@20 over the learning rates and epoch budgets tried (a longer run's curve holds a
     shorter one's best epochs too, chosen on validation all the same)."""
     best: dict[tuple, dict[str, Any]] = {}
-    for path in sorted(RUNS.glob("*.json")):
-        row = row_of(json.loads(path.read_text()))
-        key = (row["model"], row["method"], row["variant"], row["density"],
+    for path in sorted(RUNS.glob("*/*.json")):
+        row = row_of(path.parent.name, json.loads(path.read_text()))
+        key = (row["data"], row["model"], row["method"], row["variant"], row["density"],
                row["embedding_dim"])
         lrs, epochs = (best.get(key, {}).get(f, []) for f in ("lrs_tried", "epochs_tried"))
         if key not in best or row["valid_recall@20"] > best[key]["valid_recall@20"]:
             best[key] = row
         best[key]["lrs_tried"] = sorted({*lrs, row["lr"]})
         best[key]["epochs_tried"] = sorted({*epochs, row["epochs"]})
-    return sorted(best.values(), key=lambda r: (r["model"], -r["params"], r["method"],
-                                                 r["variant"] or ""))
+    return sorted(best.values(), key=lambda r: (r["data"], r["model"], -r["params"],
+                                                 r["method"], r["variant"] or ""))
 
 
 def write_table(rows: list[dict[str, Any]]) -> None:
     (RESULTS / "equal_budget.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
-    lines = ["# DSL against the dense model of the same size (gowalla, tuned on validation)", "",
-             f"Written by `benchmarks/equal_budget.py`: 2 CPU ranks; train is gowalla's train "
-             f"split less {VALID_FRACTION:.0%} of each user's interactions (the validation "
-             "split); every run's epoch and learning rate are chosen by validation Recall@20, "
-             "and the test figures are those of that choice.", "",
-             "| model | method | density | dim | params | test Recall@20 | test NDCG@20 | "
-             "valid Recall@20 | best epoch / epochs (of tried) | lr (of tried) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["# DSL against the dense model of the same size (tuned on validation)", "",
+             f"Written by `benchmarks/equal_budget.py`: 2 CPU ranks; gowalla's train is its "
+             f"train split less {VALID_FRACTION:.0%} of each user's interactions (the "
+             "validation split), lastfm's validation split is its own; every run's epoch and "
+             "learning rate are chosen by validation Recall@20, and the test figures are those "
+             "of that choice.", "",
+             "| data | model | method | density | dim | params | test Recall@20 | test NDCG@20 "
+             "| valid Recall@20 | best epoch / epochs (of tried) | lr (of tried) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         method = r["method"] + (f" ({r['variant']})" if r["variant"] else "")
-        lines.append(f"| {r['model']} | {method} | {r['density']:g} | {r['embedding_dim']} | "
+        lines.append(f"| {r['data']} | {r['model']} | {method} | {r['density']:g} | {r['embedding_dim']} | "
                      f"{r['params'] / 1e6:.2f}M | {r['recall@20']:.4f} | {r['ndcg@20']:.4f} | "
                      f"{r['valid_recall@20']:.4f} | {r['best_epoch']} / {r['epochs']} "
                      f"({', '.join(map(str, r['epochs_tried']))}) | "
@@ -136,6 +150,7 @@ def write_table(rows: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="gowalla", choices=sorted(DATA))
     parser.add_argument("--models", nargs="+", default=["mf", "lightgcn"])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
     parser.add_argument("--lrs", nargs="+", type=float, required="--table-only" not in argv)
@@ -149,10 +164,11 @@ def main(argv: list[str]) -> None:
             for setting in args.settings:
                 for lr in args.lrs:
                     name = run_name(model, setting, lr, args.epochs)
-                    if (RUNS / f"{name}.json").exists() and not args.rerun:
+                    runs = RUNS / args.data
+                    if (runs / f"{name}.json").exists() and not args.rerun:
                         continue
-                    run_benchmark(name, overrides(model, setting, lr, args.epochs,
-                                                  args.eval_every), results=RUNS)
+                    run_benchmark(name, overrides(args.data, model, setting, lr, args.epochs,
+                                                  args.eval_every), results=runs)
     write_table(chosen_rows())
 
 
