@@ -3,6 +3,7 @@ sparse model is cut from a *dense-trained* one, which sparse-from-scratch traini
 match (Zhu & Gupta 2017; RigL's comparisons).
 
     python benchmarks/sparse_mf_bounds.py [--data data/gowalla] [--density 0.2] [--epochs 30]
+                                          [--split valid] [--runs prefix --width-alpha 0 0.5]
 
 One process, plain PyTorch tables (no TorchRec, no sharding), the MF benchmark's settings
 (`configs/experiment/mf_gowalla.yaml`: dim 64, row-wise Adagrad lr 0.05, init std 0.01, L2 1e-4,
@@ -15,7 +16,13 @@ full-ranking metrics. Runs, each printed and written to benchmarks/results/NAME.
 - `one_shot`: dense for `--prune-epoch` epochs, then the `density` largest |w| over both tables
   are kept and the rest of the run trains with that mask;
 - `gradual`: gradual magnitude pruning: the density falls from 1 to `density` on a cubic
-  schedule from epoch 1 to `--gradual-end`, pruning by global |w|, then trains with the mask.
+  schedule from epoch 1 to `--gradual-end`, pruning by global |w|, then trains with the mask;
+- `prefix`: a static mask where every row is a prefix of the columns, of a width proportional
+  to (the row's train interactions + 1) ** alpha for each `--width-alpha` (0: every row about
+  density × 64 wide; larger: popular rows wider, as Mixed-Dimension Embeddings allocate).
+
+`--split valid` evaluates a prepared data set's validation split instead of test (for choosing
+settings without looking at test).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from dsl_dist.model.mf import bpr_loss
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-RUNS = ("dense", "dense_small", "static", "one_shot", "gradual")
+RUNS = ("dense", "dense_small", "static", "one_shot", "gradual", "prefix")
 STEP_SAMPLES = 4096
 EPS = 1e-8
 PRUNE_EVERY = 150
@@ -49,9 +56,20 @@ Data = tuple[InteractionGraph, UserItems, UserItems]
 """The train pairs, and the train and test items per user."""
 
 
-def read_data(directory: Path) -> Data:
+def read_data(directory: Path, split: str) -> Data:
     return (read_graph(directory), read_user_items(directory, "train", rank=0, world_size=1),
-            read_user_items(directory, "test", rank=0, world_size=1))
+            read_user_items(directory, split, rank=0, world_size=1))
+
+
+def prefix_scores(graph: InteractionGraph, dim: int, alpha: float) -> torch.Tensor:
+    """A score per weight of both tables (user rows, then item rows) whose `budget` smallest
+    make every row a prefix of the columns, of width proportional to (interactions + 1)**alpha:
+    (column + 0.5) / (interactions + 1)**alpha."""
+    columns = torch.arange(dim, dtype=torch.float64) + 0.5
+    return torch.cat([
+        (columns[None, :] / torch.from_numpy(
+            (np.bincount(ids, minlength=rows) + 1.0) ** alpha)[:, None]).flatten()
+        for ids, rows in ((graph.users, graph.num_users), (graph.items, graph.num_items))])
 
 
 class SparseMF:
@@ -165,7 +183,11 @@ def main() -> None:
     parser.add_argument("--init-std", type=float, default=0.01)
     parser.add_argument("--l2-reg", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    parser.add_argument("--width-alpha", nargs="+", type=float, default=[0.0, 0.25, 0.5],
+                        help="the prefix runs' popularity exponents")
+    parser.add_argument("--split", choices=("test", "valid"), default="test",
+                        help="the split evaluated")
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS[:-1]))
     args = parser.parse_args()
     if not 0 < args.density <= 1:
         parser.error(f"--density {args.density}: must be in (0, 1]")
@@ -173,7 +195,7 @@ def main() -> None:
         parser.error("--prune-epoch and --gradual-end must fall inside the run (1 to --epochs - 1,"
                      " gradual end after epoch 1)")
     try:
-        data = read_data(REPO / args.data)
+        data = read_data(REPO / args.data, args.split)
     except DataError as error:
         parser.error(str(error))
     dim, d = 64, args.density
@@ -199,10 +221,20 @@ def main() -> None:
             remaining = 1 - (step - start) / (end - start)
             model.keep_largest(round((d + (1 - d) * remaining ** 3) * model.num_weights))
 
+    def prefix(alpha: float) -> Callable[[SparseMF, int, int], None]:
+        def set_prefix(model: SparseMF, step: int, per_epoch: int) -> None:
+            if step == 0:
+                keep = torch.zeros(model.num_weights, dtype=torch.bool)
+                scores = prefix_scores(data[0], dim, alpha)
+                keep[scores.topk(round(d * model.num_weights), largest=False).indices] = True
+                model.set_mask(keep)
+        return set_prefix
+
     runs = {"dense": (dim, nothing), "dense_small": (round(d * dim), nothing),
-            "static": (dim, static), "one_shot": (dim, one_shot), "gradual": (dim, gradual)}
+            "static": (dim, static), "one_shot": (dim, one_shot), "gradual": (dim, gradual),
+            **{f"prefix_a{alpha:g}": (dim, prefix(alpha)) for alpha in args.width_alpha}}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for run in args.runs:
+    for run in (r for name in args.runs for r in runs if r.split("_a")[0] == name):
         run_dim, hook = runs[run]
         result = train(run, run_dim, args, data, hook)
         path = RESULTS / f"bounds_mf_{args.data.name}_d{d}_{run}.json"
