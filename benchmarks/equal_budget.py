@@ -11,30 +11,32 @@ test every `--eval-every` epochs; its result is the epoch with the best validati
 (eval.select_split=valid), and of the learning rates in `--lrs` (the same grid and epochs for
 every method) the one whose best validation Recall@20 is highest. Test never chooses anything.
 
-A setting is `dense:DIM` (a dense model of embedding dimension DIM: 64 is the full model, 16
-and 12 neighbour density 0.2's budget, 8 and 4 density 0.1's) or `METHOD:DENSITY` with METHOD
-`dsl` (unstructured) or `block_dsl` (structured), both at dimension 64, with the DSL settings
-of `configs/experiment/<model>_<data>.yaml`; a third part names a lever (`block_dsl:0.2:static`,
+A setting is `dense:DIM` (a dense model of `model.embedding_dim` DIM: for MF and LightGCN the
+embedding width, 64 in full, 16 and 12 neighbouring density 0.2's budget, 8 and 4 density
+0.1's; for NeuMF the width of the MLP path's tables, the ones DSL masks, 16 in full; for
+Mult-VAE the hidden width, 600 in full) or `METHOD:DENSITY` with METHOD `dsl` (unstructured)
+or `block_dsl` (structured) on the full model, with the DSL settings of
+`configs/experiment/<model>_<data>.yaml`; a third part names a lever (`block_dsl:0.2:static`,
 see LEVERS), reported as an ablation row with its `variant`, never chosen over the plain
-settings (the dense models get no such extra tuning). Each run writes
+settings (the dense models get no such extra tuning). A row's params are the model's
+weights (every table and dense layer, sparsified ones at their final density). Each run writes
 benchmarks/results/equal_budget/<data>/<model>-<setting>-lr<lr>.json (train_benchmark.py's
-figures)
-and is skipped when that file exists unless --rerun; then benchmarks/results/equal_budget.json
-and equal_budget.md are written from every run there.
+figures) and is skipped when that file exists unless --rerun; then
+benchmarks/results/equal_budget.json and equal_budget.md are written from every run there.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_benchmark import REPO, RESULTS, run_benchmark  # noqa: E402
-
-from dsl_dist.data.manifest import Manifest  # noqa: E402
+from reproduce import job_config, parameter_counts  # noqa: E402
+from train_benchmark import RESULTS, run_benchmark  # noqa: E402
 
 RUNS = RESULTS / "equal_budget"
 VALID_FRACTION = 0.1
@@ -42,7 +44,6 @@ DATA = {"gowalla": [f"data.path=data/gowalla-valid{int(VALID_FRACTION * 100)}",
                     f"data.valid_fraction={VALID_FRACTION}"],
         "lastfm": []}
 """Each data set's overrides for a validation split (lastfm's is its own valid.txt)."""
-FULL_DIM = 64
 SETTINGS = ("dense:64", "dense:16", "dense:12", "dense:8", "dense:4", "dsl:0.2", "dsl:0.1",
             "block_dsl:0.2", "block_dsl:0.1")
 METHOD = {"dense": "dense", "dsl": "unstructured", "block_dsl": "structured"}
@@ -75,8 +76,7 @@ def overrides(data: str, model: str, setting: str, lr: float, epochs: int | None
         common.append(f"train.epochs={epochs}")
     if method == "dense":
         return [*common, f"model.embedding_dim={int(value)}"]
-    return [*common, f"model.embedding_dim={FULL_DIM}", f"sparsity={method}",
-            f"sparsity.density={value}", *(o for name in lever for o in LEVERS[name])]
+    return [*common, f"sparsity={method}", f"sparsity.density={value}", *(o for name in lever for o in LEVERS[name])]
 
 
 def run_name(model: str, setting: str, lr: float, epochs: int | None) -> str:
@@ -84,24 +84,30 @@ def run_name(model: str, setting: str, lr: float, epochs: int | None) -> str:
     return f"{model}-{setting.replace(':', '-')}-lr{lr:g}" + (f"-e{epochs}" if epochs else "")
 
 
-def table_rows(data: str) -> int:
-    """Users + items of the prepared data set (a run prepares it): params = rows × dimension
-    (× density)."""
-    path = next(o for o in [*DATA[data], f"data.path=data/{data}"] if o.startswith("data.path"))
-    manifest = Manifest.load(REPO / path.split("=", 1)[1])
-    return manifest.num_users + manifest.num_items
+def active_params(result: dict[str, Any]) -> tuple[int, int]:
+    """The run's model dimension and its weights, sparsified ones at their final density (a
+    run without updates, a static control, logs none: then the nominal density, which the
+    exact budget holds)."""
+    cfg = job_config(result["overrides"])
+    shapes, sparsity = parameter_counts(cfg), cfg.sparsity
+    density = result["final_density"] or ({} if sparsity.name == "dense" else {
+        name: sparsity.density for name in shapes  # tables' names have no dot, layers' do
+        if ("." not in name and name in (sparsity.tables or [name]))
+        or any(fnmatch.fnmatchcase(name, p) for p in sparsity.dense_parameters)})
+    return cfg.model.embedding_dim, round(sum(rows * cols * density.get(name, 1.0)
+                                              for name, (rows, cols) in shapes.items()))
 
 
 def row_of(data: str, result: dict[str, Any]) -> dict[str, Any]:
     """A run's row: its identity, size and the figures of its best validation epoch."""
     name, tuned = result["name"].split("-lr")
     model, method, value, *variant = name.split("-")
-    dense = method == "dense"
-    dim, density = (int(value), 1.0) if dense else (FULL_DIM, float(value))
+    dim, params = active_params(result)
     best = result["best"]
     return {"data": data, "model": model, "method": METHOD[method],
-            "variant": "+".join(variant) or None, "density": density,
-            "embedding_dim": dim, "params": round(table_rows(data) * dim * density),
+            "variant": "+".join(variant) or None,
+            "density": 1.0 if method == "dense" else float(value),
+            "embedding_dim": dim, "params": params,
             "recall@20": best["recall@20"], "ndcg@20": best["ndcg@20"],
             "valid_recall@20": best["valid_recall@20"], "epochs": result["epochs"],
             "best_epoch": best["epoch"], "lr": float(tuned.split("-e")[0]),
