@@ -76,7 +76,8 @@ def overrides(data: str, model: str, setting: str, lr: float, epochs: int | None
         common.append(f"train.epochs={epochs}")
     if method == "dense":
         return [*common, f"model.embedding_dim={int(value)}"]
-    return [*common, f"sparsity={method}", f"sparsity.density={value}", *(o for name in lever for o in LEVERS[name])]
+    return [*common, f"sparsity={method}", f"sparsity.density={value}",
+            *(o for name in lever for o in LEVERS[name])]
 
 
 def run_name(model: str, setting: str, lr: float, epochs: int | None) -> str:
@@ -145,9 +146,9 @@ def write_table(rows: list[dict[str, Any]]) -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         method = r["method"] + (f" ({r['variant']})" if r["variant"] else "")
-        lines.append(f"| {r['data']} | {r['model']} | {method} | {r['density']:g} | {r['embedding_dim']} | "
-                     f"{r['params'] / 1e6:.2f}M | {r['recall@20']:.4f} | {r['ndcg@20']:.4f} | "
-                     f"{r['valid_recall@20']:.4f} | {r['best_epoch']} / {r['epochs']} "
+        lines.append(f"| {r['data']} | {r['model']} | {method} | {r['density']:g} | "
+                     f"{r['embedding_dim']} | {r['params'] / 1e6:.2f}M | {r['recall@20']:.4f} | "
+                     f"{r['ndcg@20']:.4f} | {r['valid_recall@20']:.4f} | {r['best_epoch']} / {r['epochs']} "
                      f"({', '.join(map(str, r['epochs_tried']))}) | "
                      f"{r['lr']:g} ({', '.join(f'{x:g}' for x in r['lrs_tried'])}) |")
     (RESULTS / "equal_budget.md").write_text("\n".join(lines) + "\n")
@@ -166,11 +167,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args(argv)
     if not args.table_only:
+        runs = RUNS / args.data
         for model in args.models:
             for setting in args.settings:
                 for lr in args.lrs:
                     name = run_name(model, setting, lr, args.epochs)
-                    runs = RUNS / args.data
                     if (runs / f"{name}.json").exists() and not args.rerun:
                         continue
                     run_benchmark(name, overrides(args.data, model, setting, lr, args.epochs,

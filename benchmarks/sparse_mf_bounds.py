@@ -61,15 +61,18 @@ def read_data(directory: Path, split: str) -> Data:
             read_user_items(directory, split, rank=0, world_size=1))
 
 
-def prefix_scores(graph: InteractionGraph, dim: int, alpha: float) -> torch.Tensor:
-    """A score per weight of both tables (user rows, then item rows) whose `budget` smallest
-    make every row a prefix of the columns, of width proportional to (interactions + 1)**alpha:
-    (column + 0.5) / (interactions + 1)**alpha."""
+def prefix_mask(graph: InteractionGraph, dim: int, alpha: float, count: int) -> torch.Tensor:
+    """`count` weights of both tables (flat: user rows, then item rows) where every row is a
+    prefix of the columns, of width proportional to (interactions + 1)**alpha: the weights of
+    smallest (column + 0.5) / (interactions + 1)**alpha."""
     columns = torch.arange(dim, dtype=torch.float64) + 0.5
-    return torch.cat([
+    scores = torch.cat([
         (columns[None, :] / torch.from_numpy(
             (np.bincount(ids, minlength=rows) + 1.0) ** alpha)[:, None]).flatten()
         for ids, rows in ((graph.users, graph.num_users), (graph.items, graph.num_items))])
+    keep = torch.zeros(len(scores), dtype=torch.bool)
+    keep[scores.topk(count, largest=False).indices] = True
+    return keep
 
 
 class SparseMF:
@@ -224,10 +227,7 @@ def main() -> None:
     def prefix(alpha: float) -> Callable[[SparseMF, int, int], None]:
         def set_prefix(model: SparseMF, step: int, per_epoch: int) -> None:
             if step == 0:
-                keep = torch.zeros(model.num_weights, dtype=torch.bool)
-                scores = prefix_scores(data[0], dim, alpha)
-                keep[scores.topk(round(d * model.num_weights), largest=False).indices] = True
-                model.set_mask(keep)
+                model.set_mask(prefix_mask(data[0], dim, alpha, round(d * model.num_weights)))
         return set_prefix
 
     runs = {"dense": (dim, nothing), "dense_small": (round(d * dim), nothing),

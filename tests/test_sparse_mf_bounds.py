@@ -11,18 +11,15 @@ import torch
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from sparse_mf_bounds import prefix_scores  # noqa: E402
+from sparse_mf_bounds import prefix_mask  # noqa: E402
 
 from dsl_dist.data.graph import InteractionGraph  # noqa: E402
 
 DIM = 16
 
 
-def prefix_mask(graph: InteractionGraph, alpha: float, budget: int) -> torch.Tensor:
-    scores = prefix_scores(graph, DIM, alpha)
-    keep = torch.zeros(len(scores), dtype=torch.bool)
-    keep[scores.topk(budget, largest=False).indices] = True
-    return keep.view(-1, DIM)  # user rows, then item rows
+def rows_of(graph: InteractionGraph, alpha: float, budget: int) -> torch.Tensor:
+    return prefix_mask(graph, DIM, alpha, budget).view(-1, DIM)  # user rows, then item rows
 
 
 def graph_with_item_counts(counts: list[int]) -> InteractionGraph:
@@ -34,7 +31,7 @@ def graph_with_item_counts(counts: list[int]) -> InteractionGraph:
 def test_rows_are_prefixes_and_the_budget_is_exact() -> None:
     graph = graph_with_item_counts([1, 3, 8, 30])
     for alpha in (0.0, 0.5, 1.0):
-        mask = prefix_mask(graph, alpha, budget=23)
+        mask = rows_of(graph, alpha, budget=23)
         assert int(mask.sum()) == 23
         widths = mask.sum(1)
         for row, width in zip(mask, widths):
@@ -43,7 +40,7 @@ def test_rows_are_prefixes_and_the_budget_is_exact() -> None:
 
 def test_alpha_zero_is_uniform_and_a_larger_alpha_widens_popular_rows() -> None:
     graph = graph_with_item_counts([1, 3, 8, 30])
-    uniform = prefix_mask(graph, 0.0, budget=28).sum(1)
+    uniform = rows_of(graph, 0.0, budget=28).sum(1)
     assert int(uniform.max() - uniform.min()) <= 1
-    items = prefix_mask(graph, 1.0, budget=28).sum(1)[graph.num_users:]
+    items = rows_of(graph, 1.0, budget=28).sum(1)[graph.num_users:]
     assert items.tolist() == sorted(items.tolist()) and items[-1] > items[0] + 2
