@@ -148,7 +148,8 @@ def write_table(rows: list[dict[str, Any]]) -> None:
         method = r["method"] + (f" ({r['variant']})" if r["variant"] else "")
         lines.append(f"| {r['data']} | {r['model']} | {method} | {r['density']:g} | "
                      f"{r['embedding_dim']} | {r['params'] / 1e6:.2f}M | {r['recall@20']:.4f} | "
-                     f"{r['ndcg@20']:.4f} | {r['valid_recall@20']:.4f} | {r['best_epoch']} / {r['epochs']} "
+                     f"{r['ndcg@20']:.4f} | {r['valid_recall@20']:.4f} | "
+                     f"{r['best_epoch']} / {r['epochs']} "
                      f"({', '.join(map(str, r['epochs_tried']))}) | "
                      f"{r['lr']:g} ({', '.join(f'{x:g}' for x in r['lrs_tried'])}) |")
     (RESULTS / "equal_budget.md").write_text("\n".join(lines) + "\n")
