@@ -143,7 +143,7 @@ def _run_transport(transport: str, ctx: MeteredContext, shard: Any, ray_address:
     from dsl_dist.config import ControlConfig, SparsityConfig
     from dsl_dist.control import connect_controller
     from dsl_dist.sparsity.budget import budget_groups
-    from dsl_dist.sparsity.dsl import DynamicSparseTraining
+    from dsl_dist.sparsity.unstructured.dsl import DynamicSparseTraining
     from dsl_dist.sparsity.schedule import UpdateSchedule
 
     cfg = SparsityConfig(name="dsl", density=DENSITY, delta_t=1)
@@ -218,7 +218,7 @@ def _free_port() -> int:
 def summarise(transport: str, world_size: int, weights_per_rank: int,
               ranks: list[dict[str, Any]]) -> dict[str, Any]:
     """One row of the results from every rank's per-update figures for `transport`."""
-    from dsl_dist.sparsity.selection import BINS
+    from dsl_dist.sparsity.selection.exact import BINS
 
     updates = ranks[0][transport]
     per_update = [u["reductions"] for u in updates]
@@ -283,7 +283,7 @@ def main(argv: list[str]) -> None:
     # Ranks fork from a server that imported these once: their pages are shared, not copied
     # (not Ray: drivers forked with it imported crash connecting, "Seal() called on an object
     # without a reference to it").
-    mp.set_forkserver_preload(["torch", "dsl_dist.sparsity.dsl"])
+    mp.set_forkserver_preload(["torch", "dsl_dist.sparsity.unstructured.dsl"])
     work = Path(tempfile.mkdtemp(prefix="ctlscale", dir="/tmp"))  # short: Ray's socket paths
     ray_address = None
     rows: list[dict[str, Any]] = []

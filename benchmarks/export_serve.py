@@ -53,7 +53,7 @@ def train(name: str, epochs: int, data: Path) -> tuple[Path, list[str]]:
 
 def agreement(model: Any, run_dir: Path) -> dict[str, float]:
     """The Python API's Recall@20 / NDCG@20 over every test user against the run's own."""
-    from dsl_dist.export import load_config
+    from dsl_dist.serving.export import load_config
     from ranking import final_eval, metrics_at, split_items
 
     test = split_items(Path(load_config(run_dir / "config.yaml").data.path))
@@ -70,8 +70,8 @@ def agreement(model: Any, run_dir: Path) -> dict[str, float]:
 
 def export_figures(name: str, run_dir: Path, out: Path,
                    overrides: Optional[list[str]]) -> dict[str, Any]:
-    from dsl_dist.export import export, summary
-    from dsl_dist.inference import load
+    from dsl_dist.serving.export import export, summary
+    from dsl_dist.serving.inference import load
 
     started = time.perf_counter()
     meta = export(run_dir, out, overwrite=True)
@@ -100,7 +100,7 @@ def export_figures(name: str, run_dir: Path, out: Path,
 
 def faiss_recall(model: Any, out: Path, users: int = 2000) -> dict[str, Any]:
     """Recall of the FAISS index's top 20 against the exact top 20, for a sample of users."""
-    from dsl_dist.inference import load
+    from dsl_dist.serving.inference import load
 
     started = time.perf_counter()
     approximate = load(out, approximate=True)
@@ -154,7 +154,7 @@ def serve_figures(artifact: Path, duration: float, concurrency: int) -> dict[str
     import ray
     from ray import serve
 
-    from dsl_dist.serve import build_app
+    from dsl_dist.serving.serve import build_app
 
     with open(artifact / "ids.json") as f:
         users = json.load(f)["users"]

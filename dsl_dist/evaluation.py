@@ -22,7 +22,7 @@ from torchrec.distributed import DistributedModelParallel
 from dsl_dist.data.stream import UserItems, history_batch, read_user_items
 from dsl_dist.distributed import DistContext
 from dsl_dist.model.base import Recommender
-from dsl_dist.sparsity.masks import uniform_hash
+from dsl_dist.sparsity.selection.hashing import uniform_hash
 
 ITEM_BLOCK = 1 << 16
 """Items scored at once (at most)."""

@@ -28,8 +28,8 @@ MODELS: dict[str, str] = {
 }
 SPARSITY_METHODS: dict[str, str] = {
     "dense": "dsl_dist.sparsity.dense",
-    "dsl": "dsl_dist.sparsity.dsl",
-    "block_dsl": "dsl_dist.sparsity.block_dsl",
+    "dsl": "dsl_dist.sparsity.unstructured.dsl",
+    "block_dsl": "dsl_dist.sparsity.block.dsl",
 }
 
 

@@ -97,7 +97,7 @@ def lastfm_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def lastfm_artifacts(lastfm_runs: dict[str, Path],
                      tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Every run of `lastfm_runs` exported (in this process), by name."""
-    from dsl_dist.export import export
+    from dsl_dist.serving.export import export
 
     root = tmp_path_factory.mktemp("artifacts")
     for name, run_dir in lastfm_runs.items():

@@ -95,7 +95,7 @@ def test_block_dsl_learns_within_a_pool_of_its_budget(sharding_type: str, cluste
 def update_with_fixed_statistics(overrides: list[str]) -> dict:
     """The initial layout and one update from world-independent weights and statistics."""
     from dsl_dist.distributed import shutdown_distributed
-    from dsl_dist.sparsity.masks import uniform_hash
+    from dsl_dist.sparsity.selection.hashing import uniform_hash
     from dsl_dist.train import build_trainer
 
     method = build_trainer(load(*overrides)).sparsity
@@ -193,7 +193,7 @@ def test_the_embeddings_follow_the_order_the_pool_outputs() -> None:
     the collection must label the columns it hands the model by that order."""
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
-    from dsl_dist.sparsity.block_pool import BlockEmbeddingBagCollection, PoolGeometry
+    from dsl_dist.sparsity.block.pool import BlockEmbeddingBagCollection, PoolGeometry
 
     plain = EmbeddingBagCollection(tables=[
         EmbeddingBagConfig(name="user", embedding_dim=8, num_embeddings=10,

@@ -26,7 +26,7 @@ def build(sharding_type: str, optimizer: str = "rowwise_adagrad", scope: str = "
     from dsl_dist.model.sharding import embedding_tables, shard_model
     from dsl_dist.model.shards import init_normal_, local_table_shards
     from dsl_dist.sparsity.base import SparsitySetup
-    from dsl_dist.sparsity.dsl import build as build_dsl
+    from dsl_dist.sparsity.unstructured.dsl import build as build_dsl
     from dsl_dist.sparsity.schedule import UpdateSchedule
 
     ctx = init_distributed("gloo")
@@ -67,7 +67,7 @@ def full_masks(per_rank: list[list[dict]]) -> dict[str, torch.Tensor]:
 def update_with_fixed_statistics(sharding_type: str, scope: str) -> dict:
     """Identical weights (world-independent init) and growth statistics on any world size."""
     from dsl_dist.distributed import shutdown_distributed
-    from dsl_dist.sparsity.masks import uniform_hash
+    from dsl_dist.sparsity.selection.hashing import uniform_hash
 
     ctx, model, dsl = build(sharding_type, scope=scope)
     initial = dump_masks(dsl)
@@ -297,7 +297,7 @@ def test_prefix_initial_masks_fill_the_first_columns_on_any_world_size(
 def grown_weights(sharding_type: str) -> list:
     """(table, row, col, value) of every weight one update grows, with grow_init_std."""
     from dsl_dist.distributed import shutdown_distributed
-    from dsl_dist.sparsity.masks import uniform_hash
+    from dsl_dist.sparsity.selection.hashing import uniform_hash
 
     _, _, dsl = build(sharding_type, grow_init_std=0.05)
     before = [s.mask.clone() for s in dsl.shards]

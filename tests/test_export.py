@@ -1,7 +1,7 @@
-"""Export (dsl_dist/export.py) and the Python serving API (dsl_dist/inference.py) on short 2-rank
-lastfm runs (conftest.EXPORT_RUNS): the artifact holds exactly the checkpoint's active weights
-in about as many bytes as they need, its top-20 reproduces the run's own evaluation, and bad
-input is refused with nothing lost."""
+"""Export (dsl_dist/serving/export.py) and the Python serving API (dsl_dist/serving/inference.py)
+on short 2-rank lastfm runs (conftest.EXPORT_RUNS): the artifact holds exactly the checkpoint's
+active weights in about as many bytes as they need, its top-20 reproduces the run's own
+evaluation, and bad input is refused with nothing lost."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import EXPORT_RUNS
-from dsl_dist.artifact import WEIGHTS, ArtifactError, decode, read_artifact
 from dsl_dist.checkpoint import CheckpointError, complete_checkpoints, fingerprint
 from dsl_dist.commands import main as dsl_dist_main
-from dsl_dist.export import ExportError, export, load_config, run_config
-from dsl_dist.inference import UnknownUsers, load
+from dsl_dist.serving.artifact import WEIGHTS, ArtifactError, decode, read_artifact
+from dsl_dist.serving.export import ExportError, export, load_config, run_config
+from dsl_dist.serving.inference import UnknownUsers, load
 from ranking import final_eval, last_budget, metrics_at, split_items
 
 pytestmark = pytest.mark.multiprocess

@@ -1,12 +1,12 @@
-"""The primitives of dsl_dist/sparsity/fastops.py give torch's results on the CPU (the NumPy
-paths) and on the `device` fixture's device (CUDA's torch paths under gpu_check)."""
+"""The primitives of dsl_dist/sparsity/selection/fastops.py give torch's results on the CPU (the
+NumPy paths) and on the `device` fixture's device (CUDA's torch paths under gpu_check)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dsl_dist.sparsity.fastops import (compress, flat_nonzero, multiply_rows_, pack_bits,
+from dsl_dist.sparsity.selection.fastops import (compress, flat_nonzero, multiply_rows_, pack_bits,
                                        popcount, unpack_bits, zero_where_)
 
 pytestmark = pytest.mark.cuda

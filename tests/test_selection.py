@@ -12,7 +12,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from dsl_dist.sparsity.selection import local_counts, select_extreme
+from dsl_dist.sparsity.selection.exact import local_counts, select_extreme
 
 # A few distinct values, so that most selections straddle a tie; includes both zeros,
 # infinities, subnormals and values whose float32 bit patterns differ in low bits only.
@@ -372,7 +372,7 @@ def test_bad_requests_are_refused() -> None:
 
 
 def test_uniform_hash_is_a_function_of_position() -> None:
-    from dsl_dist.sparsity.masks import uniform_hash  # the initial masks' scores
+    from dsl_dist.sparsity.selection.hashing import uniform_hash  # the initial masks' scores
 
     positions = torch.arange(100_000)
     values = uniform_hash(positions, seed=3)

@@ -1,8 +1,8 @@
-"""The HTTP service (dsl_dist/serve.py): a real Ray Serve application on 127.0.0.1, one route
-per exported lastfm run (conftest.EXPORT_RUNS). Its top-20 reproduces each run's evaluation,
-concurrent requests are answered as sequential ones are, and bad requests get a 4xx naming the
-problem while the service keeps serving. Ray runs in this process, on its own temporary
-directory, and is shut down after the module."""
+"""The HTTP service (dsl_dist/serving/serve.py): a real Ray Serve application on 127.0.0.1, one
+route per exported lastfm run (conftest.EXPORT_RUNS). Its top-20 reproduces each run's
+evaluation, concurrent requests are answered as sequential ones are, and bad requests get a 4xx
+naming the problem while the service keeps serving. Ray runs in this process, on its own
+temporary directory, and is shut down after the module."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional
 import pytest
 
 from conftest import EXPORT_RUNS
-from dsl_dist.export import load_config
+from dsl_dist.serving.export import load_config
 from ranking import final_eval, metrics_at, split_items
 from test_launchers import free_port
 
@@ -35,7 +35,7 @@ def service(lastfm_artifacts: dict[str, Path], monkeypatch_module: pytest.Monkey
     import ray
     from ray import serve
 
-    from dsl_dist.serve import build_app
+    from dsl_dist.serving.serve import build_app
 
     for key in [k for k in os.environ if k.startswith("RAY_")]:
         monkeypatch_module.delenv(key)  # never join a cluster of another test

@@ -8,11 +8,11 @@ from typing import Iterator, Optional
 import pytest
 import torch
 
-from dsl_dist.sparsity import streaming
-from dsl_dist.sparsity.fastops import pack_bits, unpack_bits
-from dsl_dist.sparsity.masks import POSITION_SCRAMBLE
-from dsl_dist.sparsity.selection import local_counts, select_extreme
-from dsl_dist.sparsity.streaming import Chunk, select_streaming
+from dsl_dist.sparsity.selection import streaming
+from dsl_dist.sparsity.selection.exact import local_counts, select_extreme
+from dsl_dist.sparsity.selection.fastops import pack_bits, unpack_bits
+from dsl_dist.sparsity.selection.hashing import POSITION_SCRAMBLE
+from dsl_dist.sparsity.selection.streaming import Chunk, select_streaming
 from test_selection import simulate_ranks, tied_scores, unique_positions
 
 

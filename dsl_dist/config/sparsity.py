@@ -13,7 +13,7 @@ from dsl_dist.registry import SPARSITY_METHODS
 @dataclass
 class BlockConfig:
     """block_dsl: DSL over blocks of `size` consecutive dimensions of a row, stored in pools
-    sized to the budget (see dsl_dist/sparsity/block_dsl.py)."""
+    sized to the budget (see dsl_dist/sparsity/block/dsl.py)."""
 
     size: int = 8
     """Dimensions per block: a multiple of 4 (FBGEMM's kernels) that divides each sparsified

@@ -1,8 +1,8 @@
 """The cluster-wide side of sparse training: budget, schedule, plan and history.
 
 This is the control plane. At an update every rank asks the controller how many weights each
-budget group moves (`plan`), the ranks then select them together over the training process
-group (the data plane: count histograms all-reduced, see dsl_dist/sparsity/selection.py, so
+budget group moves (`plan`), the ranks then select them together over the training process group
+(the data plane: count histograms all-reduced, see dsl_dist/sparsity/selection/exact.py, so
 nothing of it grows with the world size here), and every rank reports the outcome (`record`),
 which the controller checks against the budget and keeps in its history.
 

@@ -1,7 +1,7 @@
 """Hooks on the embedding kernels of block pools: translate proxy ids to slots, record growth.
 
 Each kernel that looks pool shards up receives, after TorchRec's input distribution, the proxy
-ids of its rows under J block features per original feature (block_pool.py). A forward
+ids of its rows under J block features per original feature (pool.py). A forward
 pre-hook hands the kernel the same bags with every id replaced by its block's slot, and
 without the ids of inactive blocks (an emptied bag pools to zeros, and nothing is updated
 there). While `capturing`, it also notes the ids of each row's last active block and of the
@@ -22,7 +22,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from dsl_dist.model.torchrec_internals import Kernel, kernel_tables
-from dsl_dist.sparsity.block_shard import PoolShard
+from dsl_dist.sparsity.block.shard import PoolShard
 
 
 @dataclass

@@ -30,11 +30,12 @@ from dsl_dist.distributed import DistContext
 from dsl_dist.model.shards import DenseBlock, WeightBlock, dense_blocks, local_table_shards
 from dsl_dist.sparsity.base import Controller, SparsityMethod, SparsitySetup
 from dsl_dist.sparsity.budget import Group, budget_groups, position_bases
-from dsl_dist.sparsity.candidates import ShardCandidates
-from dsl_dist.sparsity.fastops import pack_bits, popcount, unpack_bits, zero_where_
-from dsl_dist.sparsity.growth import GrowthRecorder
-from dsl_dist.sparsity.masks import MaskedShard, uniform_hash
-from dsl_dist.sparsity.streaming import Selection, select_streaming
+from dsl_dist.sparsity.selection.fastops import pack_bits, popcount, unpack_bits, zero_where_
+from dsl_dist.sparsity.selection.hashing import uniform_hash
+from dsl_dist.sparsity.selection.streaming import Selection, select_streaming
+from dsl_dist.sparsity.unstructured.candidates import ShardCandidates
+from dsl_dist.sparsity.unstructured.growth import GrowthRecorder
+from dsl_dist.sparsity.unstructured.masks import MaskedShard
 
 _BYTES_PER_ENTRY = 32
 """Temporaries of a pass per weight of its chunk (keys, scores, masks, positions)."""

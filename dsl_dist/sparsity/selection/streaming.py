@@ -1,6 +1,6 @@
 """Exact top-k over more candidates than a copy of them would fit, a chunk at a time.
 
-`select_streaming` chooses what `select_extreme` (selection.py) chooses — the k best scores
+`select_streaming` chooses what `select_extreme` (exact.py) chooses — the k best scores
 over all ranks, ties at the threshold going to the candidates of smaller tie key — without ever
 holding more than one chunk of keys. Each radix round is one pass over the chunks, whose
 histograms are all-reduced as before, and the result is a rule (`Selection`) that tells any
@@ -20,10 +20,11 @@ from typing import Callable, Iterator, Optional, Protocol
 import numpy as np
 import torch
 
-from dsl_dist.sparsity import chunk_kernels
-from dsl_dist.sparsity.fastops import compress, concat, flat_nonzero, pack_bits, unpack_bits
-from dsl_dist.sparsity.selection import (BINS, DIGIT_BITS, SCORE_BITS, CountReducer,
+from dsl_dist.sparsity.selection import chunk_kernels
+from dsl_dist.sparsity.selection.exact import (BINS, DIGIT_BITS, SCORE_BITS, CountReducer,
                                          _order_keys, _radix_select, local_counts, narrow)
+from dsl_dist.sparsity.selection.fastops import (compress, concat, flat_nonzero, pack_bits,
+                                                 unpack_bits)
 
 TIE_MEMORY = 32 << 20
 """Bytes of tied candidates (over all ranks) that one pass holds instead of streaming over

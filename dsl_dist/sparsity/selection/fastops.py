@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dsl_dist.sparsity import chunk_kernels
+from dsl_dist.sparsity.selection import chunk_kernels
 
 
 def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:

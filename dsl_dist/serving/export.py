@@ -3,7 +3,7 @@
 The checkpoint is read in this one process, whatever world size wrote it: DCP's reader
 assembles every table from the ranks' shards (`dcp.load(..., no_dist=True)`), and only the
 model's tables and the sparsity state are read, not the optimizer's. The artifact keeps the
-active weights only (dsl_dist/artifact.py): for `dsl` the weights its masks keep, for
+active weights only (dsl_dist/serving/artifact.py): for `dsl` the weights its masks keep, for
 `block_dsl` its nested blocks (the checkpoint's world-size-independent `sparsity_blocks`), for
 `dense` every weight. MF and LightGCN are exported; NeuMF and Mult-VAE score through dense
 layers that the serving side does not implement, and are refused.
@@ -31,15 +31,15 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from dsl_dist.artifact import (EncodedTable, decode, encode_blocks, encode_dense, encode_masked,
-                               narrow, weight_bound, write_artifact)
 from dsl_dist.checkpoint import CheckpointError, complete_checkpoints, fingerprint, read_meta
 from dsl_dist.config import JobConfig
 from dsl_dist.data.errors import DataError
 from dsl_dist.data.graph import InteractionGraph, load_propagation_bags, read_graph
 from dsl_dist.data.manifest import Manifest
 from dsl_dist.data.prepare import move_into_place
-from dsl_dist.inference import lightgcn_embeddings
+from dsl_dist.serving.artifact import (EncodedTable, decode, encode_blocks, encode_dense,
+                                       encode_masked, narrow, weight_bound, write_artifact)
+from dsl_dist.serving.inference import lightgcn_embeddings
 
 EXPORTED_MODELS = ("mf", "lightgcn")
 TABLES = ("user", "item")
@@ -123,7 +123,7 @@ def _model_weight(tensors: dict[str, torch.Tensor], table: str) -> np.ndarray:
 
 
 def encode_tables(cfg: JobConfig, tensors: dict[str, torch.Tensor]) -> dict[str, EncodedTable]:
-    """The model's tables in their compact layouts (see dsl_dist/artifact.py)."""
+    """The model's tables in their compact layouts (see dsl_dist/serving/artifact.py)."""
     method = cfg.sparsity.name
     out = {}
     for table in TABLES:

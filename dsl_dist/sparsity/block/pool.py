@@ -14,7 +14,7 @@ p(r) = ⌊r·A/1024⌋: row-wise sharding gives each rank a contiguous range of 
 of proxies, and that rank keeps the blocks of exactly the virtual rows whose proxies it owns, in
 those pool rows (its slots). Its embedding kernel turns (p, j) into the slot of block j of row
 r, or drops the id from its bag when that block is inactive, so that the bag pools to zeros
-(dsl_dist/sparsity/block_shard.py). No rank holds a per-row structure for rows it does not own.
+(dsl_dist/sparsity/block/shard.py). No rank holds a per-row structure for rows it does not own.
 """
 
 from __future__ import annotations

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch.nn import functional
 
-from dsl_dist.artifact import Artifact, decode, read_artifact
 from dsl_dist.data.graph import CSRBags, InteractionGraph, PropagationBags, propagation_bags
 from dsl_dist.model.lightgcn import propagate
+from dsl_dist.serving.artifact import Artifact, decode, read_artifact
 
 ITEM_BLOCK = 1 << 16
 """Items scored at once (at most)."""

@@ -11,8 +11,9 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from dsl_dist.sparsity.masks import POSITION_SCRAMBLE, MaskedShard
-from dsl_dist.sparsity.streaming import Chunk
+from dsl_dist.sparsity.selection.hashing import POSITION_SCRAMBLE
+from dsl_dist.sparsity.selection.streaming import Chunk
+from dsl_dist.sparsity.unstructured.masks import MaskedShard
 
 Entries = Callable[[MaskedShard, slice], tuple[torch.Tensor, Optional[torch.Tensor]]]
 """(scores (rows, cols), packed candidates (rows, ceil(cols / 8)) or None) of a chunk of a

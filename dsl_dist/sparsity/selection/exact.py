@@ -20,8 +20,8 @@ from typing import Callable, Optional
 
 import torch
 
-from dsl_dist.sparsity.fastops import compress, concat, flat_nonzero
-from dsl_dist.sparsity.masks import POSITION_SCRAMBLE
+from dsl_dist.sparsity.selection.fastops import compress, concat, flat_nonzero
+from dsl_dist.sparsity.selection.hashing import POSITION_SCRAMBLE
 
 CountReducer = Callable[[torch.Tensor], torch.Tensor]
 """Sums an int64 count tensor (same shape on every rank) over all ranks."""

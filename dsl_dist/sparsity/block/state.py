@@ -23,8 +23,8 @@ from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharding_spec import ShardMetadata
 
 from dsl_dist.distributed import DistContext
-from dsl_dist.sparsity.block_pool import PoolGeometry
-from dsl_dist.sparsity.block_shard import PoolShard
+from dsl_dist.sparsity.block.pool import PoolGeometry
+from dsl_dist.sparsity.block.shard import PoolShard
 
 
 def _sharded(pieces: list[tuple[torch.Tensor, list[int]]], shape: list[int],

@@ -4,7 +4,7 @@ Routes (JSON in and out):
 
 - `POST /recommend {"users": [...], "k": 20, "exclude_train": true}` → `{"k": 20,
   "recommendations": [{"user": u, "items": [...], "scores": [...]}, ...]}`, users and items by
-  their original ids, items best first (exact full ranking, see dsl_dist/inference.py);
+  their original ids, items best first (exact full ranking, see dsl_dist/serving/inference.py);
 - `GET /healthz` → `{"status": "ok", "model": ..., "users": ..., "items": ...}`.
 
 Requests are batched with Ray Serve's batching (`@serve.batch`): the users of concurrent
@@ -13,8 +13,8 @@ JSON, no user list, an unknown user, k < 1 or above the number of items, more th
 `max_users` users) gets a 4xx whose `error` names the problem; the replica keeps serving.
 
 The service binds 127.0.0.1 unless `--host` says otherwise. `serve run
-dsl_dist.serve:app path=ARTIFACT` runs the same application under Ray Serve's own CLI.
-The Python API without HTTP is `load` (re-exported here from dsl_dist.inference).
+dsl_dist.serving.serve:app path=ARTIFACT` runs the same application under Ray Serve's own CLI.
+The Python API without HTTP is `load` (re-exported here from dsl_dist.serving.inference).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from ray.serve import Application
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from dsl_dist.artifact import ArtifactError, read_artifact
-from dsl_dist.inference import ExportedModel, UnknownUsers, load
+from dsl_dist.serving.artifact import ArtifactError, read_artifact
+from dsl_dist.serving.inference import ExportedModel, UnknownUsers, load
 
 __all__ = ["BadRequest", "Query", "Recommender", "app", "build_app", "load", "main",
            "parse_query"]
@@ -164,7 +164,7 @@ def build_app(path: str | Path, *, replicas: int = 1, max_users: int = MAX_USERS
 
 
 def app(args: dict[str, str]) -> Application:
-    """For `serve run dsl_dist.serve:app path=ARTIFACT [replicas=N max_users=N ...]`."""
+    """For `serve run dsl_dist.serving.serve:app path=ARTIFACT [replicas=N max_users=N ...]`."""
     return build_app(args["path"], replicas=int(args.get("replicas", 1)),
                      max_users=int(args.get("max_users", MAX_USERS)),
                      max_batch_size=int(args.get("max_batch_size", 32)),

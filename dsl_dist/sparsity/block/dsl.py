@@ -1,6 +1,6 @@
 """Structured DSL: drop-and-grow over blocks of embedding rows, stored in pools sized to the budget.
 
-The sparsified tables are block pools (block_pool.py): a row's active blocks are its first
+The sparsified tables are block pools (pool.py): a row's active blocks are its first
 `width` blocks of b dimensions (nested, as in mixed-dimension embeddings, so a user and an item
 share min(width) aligned dimensions), and only those occupy memory. The budget is B blocks
 (B·b weights) per group, exact on the whole cluster after every update. Every `delta_t` steps,
@@ -32,13 +32,13 @@ from dsl_dist.distributed import DistContext
 from dsl_dist.model.shards import initial_rows, local_table_shards
 from dsl_dist.model.torchrec_internals import embedding_kernels
 from dsl_dist.sparsity.base import Controller, SparsityMethod, SparsitySetup
+from dsl_dist.sparsity.block.hooks import PoolKernelHooks
+from dsl_dist.sparsity.block.pool import PoolGeometry, block_collections, pool_collections
+from dsl_dist.sparsity.block.shard import PoolShard
+from dsl_dist.sparsity.block.state import BlockValues, LayoutState
 from dsl_dist.sparsity.budget import Group, budget_groups, position_bases
-from dsl_dist.sparsity.block_hooks import PoolKernelHooks
-from dsl_dist.sparsity.block_pool import PoolGeometry, block_collections, pool_collections
-from dsl_dist.sparsity.block_shard import PoolShard
-from dsl_dist.sparsity.block_state import BlockValues, LayoutState
-from dsl_dist.sparsity.masks import uniform_hash
-from dsl_dist.sparsity.selection import Part, local_counts, select_across, select_extreme
+from dsl_dist.sparsity.selection.exact import Part, local_counts, select_across, select_extreme
+from dsl_dist.sparsity.selection.hashing import uniform_hash
 
 if TYPE_CHECKING:
     from dsl_dist.checkpoint import CheckpointStore

@@ -13,7 +13,7 @@ statistics):
   - `blocks` (block DSL): row r's active blocks are its first `T.widths[r]` blocks of `block`
     dimensions (block_shard.py), stored row after row in `T.blocks` (active blocks, block).
 - `positives.safetensors`: every user's distinct training items (CSR: `indptr`, `items`), the
-  items a recommendation excludes (and LightGCN's graph, see dsl_dist/inference.py).
+  items a recommendation excludes (and LightGCN's graph, see dsl_dist/serving/inference.py).
 - `propagated.safetensors` (LightGCN, unless exported without): the final `user` and `item`
   embeddings, propagated at export time as the run propagated them; dense whatever the masks
   (each is a sum of many rows), so they are a serving cache outside the weights' byte bound.

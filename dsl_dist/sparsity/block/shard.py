@@ -1,6 +1,6 @@
 """One rank's shard of a block pool: which blocks its virtual rows hold, and where.
 
-The shard owns the virtual rows whose proxies fall in its pool rows (block_pool.py). Blocks are
+The shard owns the virtual rows whose proxies fall in its pool rows (pool.py). Blocks are
 nested: row r's active blocks are its first `widths[r]`, stored in consecutive slots from
 `rowptr[r]`, rows in order (CSR), so that the whole layout is 5 bytes per owned row (a width and
 an offset) and the slot of block j < widths[r] is rowptr[r] + j. An update changes each row's
@@ -19,8 +19,8 @@ from typing import Iterator
 import torch
 
 from dsl_dist.model.shards import TableShard
-from dsl_dist.sparsity.block_pool import PoolGeometry
-from dsl_dist.sparsity.masks import position_digest
+from dsl_dist.sparsity.block.pool import PoolGeometry
+from dsl_dist.sparsity.selection.hashing import position_digest
 
 RELOCATION_ROWS = 1 << 16
 """Rows a pass over the layout takes at once (`set_widths` moves their blocks; the update's

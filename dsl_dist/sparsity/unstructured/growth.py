@@ -25,8 +25,8 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from dsl_dist.model.torchrec_internals import kernel_tables
-from dsl_dist.sparsity.fastops import concat
-from dsl_dist.sparsity.masks import MaskedShard
+from dsl_dist.sparsity.selection.fastops import concat
+from dsl_dist.sparsity.unstructured.masks import MaskedShard
 
 
 class GrowthRecorder:
