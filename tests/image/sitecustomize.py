@@ -29,6 +29,11 @@ class _Hiding:
     def invalidate_caches() -> None:
         PathFinder.invalidate_caches()
 
+    @staticmethod
+    def find_distributions(*args, **kwargs):  # type: ignore[no-untyped-def]
+        """importlib.metadata's view: the installed distributions' metadata, unchanged."""
+        return PathFinder.find_distributions(*args, **kwargs)
+
 
 if MISSING:
     sys.meta_path[:] = [_Hiding if f is PathFinder else f for f in sys.meta_path]
