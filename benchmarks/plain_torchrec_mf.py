@@ -83,6 +83,8 @@ def measure(device: torch.device, batch: int, steps: int, warmup: int) -> dict[s
     of one made here (the caller must hold none)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         model = sharded_model(device)
         generator = torch.Generator().manual_seed(0)
