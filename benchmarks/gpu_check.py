@@ -25,7 +25,8 @@ first, each within its own time limit and all within `--budget` seconds:
 gpu_check.json is rewritten after every run and step (a step over its limit leaves what it
 finished), with a `targets` list (benchmarks/gpu_targets.py) that reads each target off as a
 value, its limit and pass/fail; a summary table closes the output. `--only` reruns some steps
-into an existing JSON. `--cpu` runs everything tiny on CPU (tests/test_gpu_check.py).
+into an existing JSON; `--markdown JSON` prints its figures as docs/gpu.md's tables. `--cpu`
+runs everything tiny on CPU (tests/test_gpu_check.py).
 """
 
 from __future__ import annotations
@@ -51,8 +52,15 @@ def main() -> None:
                         help="gowalla's raw train/test files")
     parser.add_argument("--only", help="a comma-separated subset of the steps, merged into --out")
     parser.add_argument("--budget", type=float, help="seconds for all steps (default: the mode's)")
+    parser.add_argument("--markdown", type=Path, metavar="JSON",
+                        help="print the figures of a gpu_check.json as docs/gpu.md's tables")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.markdown:
+        from gpu_targets import markdown
+
+        print(markdown(json.loads(args.markdown.read_text())))
+        return
     versions = installed()
     problem = mismatch(versions["torch"], versions["fbgemm"], versions["torchrec"])
     if problem:

@@ -100,3 +100,27 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(f"{verdict:<4} {t['target']}: {_cell(t['value'], '.3g')} "
                      f"{t['compare']} {t['limit']}")
     return "\n".join(lines)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """docs/gpu.md's figures: the runs and the targets of a gpu_check.json, as tables."""
+    m = result["machine"]
+    lines = [f"{m['device']}, torch {m['torch']}, fbgemm-gpu {m['fbgemm']}, torchrec "
+             f"{m['torchrec']}; plain TorchRec loop: " + ", ".join(
+                 f"{r['samples_per_s']:,.0f} samples/s at {r['batch']:,}"
+                 for r in result["plain_loop"] if r["ok"]), "",
+             "| model | method | batch | samples/s | / plain | / dense | GPU busy | syncs/step "
+             "| kernels/step | peak MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["runs"] + result["pipeline"]:
+        if r["ok"]:
+            p = r["profile"]
+            method = r["method"] + (f" ({r['pipeline']})" if r.get("pipeline") else "")
+            lines.append(
+                f"| {r['model']} | {method} | {r['batch']:,} | {_cell(r['samples_per_s'])} | "
+                f"{_cell(r['vs_plain'], '.2f')} | {_cell(r.get('vs_dense'), '.2f')} | "
+                f"{_cell(p.get('busy_fraction'), '.0%')} | {_cell(p.get('syncs_per_step'), '.1f')}"
+                f" | {_cell(p.get('kernels_per_step'))} | {_cell(r.get('peak_cuda_mb'))} |")
+    lines += ["", "| target | value | limit | pass |", "|---|---|---|---|"]
+    lines += [f"| {t['target']} | {_cell(t['value'], '.3g')} | {t['compare']} {t['limit']} | "
+              f"{({True: 'yes', False: 'no', None: '-'})[t['pass']]} |" for t in result["targets"]]
+    return "\n".join(lines)

@@ -110,6 +110,15 @@ def test_updates_and_targets_are_recorded(rehearsal: tuple[Path, dict[str, Any]]
     assert targets["dsl update of 7e+04 weights, 3% of rows touched, seconds"]["value"] > 0
 
 
+def test_the_figures_print_as_markdown_tables(rehearsal: tuple[Path, dict[str, Any]]) -> None:
+    done = gpu_check("--markdown", str(rehearsal[0]), env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    runs = len(rehearsal[1]["runs"]) + len(rehearsal[1]["pipeline"])
+    assert len(rows) == 2 + runs + 18  # the two headers, the runs, the targets
+    assert any(line.startswith("| mf | dsl | 256 | ") for line in rows)
+
+
 def test_only_reruns_steps_into_the_json_and_a_step_past_its_limit_keeps_the_rest(
         rehearsal: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     out = tmp_path / "gpu_check.json"
