@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from gpu_targets import summary, targets
+from gpu_targets import ratio, summary, targets
 from gpu_training import DENSITY, METHODS, Mode, compose, cpu_mode, cuda_mode, train_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,10 +64,6 @@ def _tail(text: str, chars: int = 2000) -> str:
     return text[-chars:]
 
 
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return a / b if a is not None and b else None
-
-
 def write(out: Path, result: dict[str, Any]) -> None:
     """Replaces `out` whole (a reader never sees half a file)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -92,8 +88,8 @@ class Check:
                  if r["ok"] and r["method"] == "dense"}
         for r in self.result["runs"] + self.result["pipeline"]:
             if r["ok"]:
-                r["vs_plain"] = _ratio(r["samples_per_s"], plain.get(r["batch"]))
-                r["vs_dense"] = _ratio(r["samples_per_s"], dense.get((r["model"], r["batch"])))
+                r["vs_plain"] = ratio(r["samples_per_s"], plain.get(r["batch"]))
+                r["vs_dense"] = ratio(r["samples_per_s"], dense.get((r["model"], r["batch"])))
         self.result["targets"] = targets(self.result)
         write(self.out, self.result)
 

@@ -27,7 +27,8 @@ def _target(name: str, value: Optional[float], limit: float, at_most: bool = Fal
             "compare": "<=" if at_most else ">=", "pass": passed}
 
 
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    """a / b, None where either is missing."""
     return a / b if a is not None and b else None
 
 
@@ -42,10 +43,10 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         return run["samples_per_s"] if run else None
 
     found = [_target(f"dense MF / plain TorchRec loop, batch {b}",
-                     _ratio(speed("mf", "dense", b), plain.get(b)), PLAIN_RATIO)
+                     ratio(speed("mf", "dense", b), plain.get(b)), PLAIN_RATIO)
              for b in (small, large)]
     found += [_target(f"{method} / dense, {model}, batch {b}",
-                      _ratio(speed(model, method, b), speed(model, "dense", b)), SPARSE_RATIO)
+                      ratio(speed(model, method, b), speed(model, "dense", b)), SPARSE_RATIO)
               for model in ("mf", "lightgcn") for method in ("dsl", "block_dsl")
               for b in (small, large)]
     found += [_target(f"GPU busy, {method} MF, batch {large}",
@@ -54,7 +55,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
               for method in ("dense", "dsl", "block_dsl")]
     memory = {r.get("method"): r for r in result.get("memory", {}).get("runs", [])}
     found += [_target(f"peak CUDA memory {method} / dense, >= 1e8 weights",
-                      _ratio(memory.get(method, {}).get("peak_cuda_mb"),
+                      ratio(memory.get(method, {}).get("peak_cuda_mb"),
                              memory.get("dense", {}).get("peak_cuda_mb")), limit, at_most=True)
               for method, limit in MEMORY_RATIO.items()]
     updates = {(u["method"], u["touched_rows"]): u for u in result.get("updates", []) if u["ok"]}
