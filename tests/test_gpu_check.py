@@ -215,6 +215,29 @@ def test_activity_kinds_are_inferred_where_torch_does_not_say_them() -> None:
     assert kind(event("aten::mul", cpu), annotations) == "cpu_op"
 
 
+def test_memory_runs_are_read_from_memory_py_and_give_the_memory_targets(tmp_path: Path) -> None:
+    from gpu_steps import memory_runs
+    from gpu_targets import targets
+
+    written = tmp_path / "memory_cuda.json"
+    written.write_text(json.dumps({"runs": [{"method": "structured", "density": 0.2,
+                                             "peak_cuda_mb": [400.0, 380.0]}]}))
+    output = "\n".join([json.dumps({"method": "dense", "density": 1.0, "peak_cuda_mb": 1000.0}),
+                        json.dumps({"method": "unstructured", "density": 0.1, "peak_cuda_mb": 9}),
+                        json.dumps({"method": "unstructured", "density": 0.2,
+                                    "peak_cuda_mb": 1400.0}),
+                        "some log line", f"wrote {written}"])
+    runs = memory_runs(output)
+    assert [(r["method"], r["density"]) for r in runs] == [("dense", 1.0), ("dsl", 0.2),
+                                                           ("block_dsl", 0.2)]
+    found = {t["target"]: t for t in targets({"batches": [2048, 32768], "update_weights": 10**9,
+                                              "memory": {"runs": runs}})}
+    dsl = found["peak CUDA memory dsl / dense, >= 1e8 weights"]
+    assert dsl["value"] == pytest.approx(1.4) and dsl["pass"] is False
+    block = found["peak CUDA memory block_dsl / dense, >= 1e8 weights"]
+    assert block["value"] == pytest.approx(0.4) and block["pass"] is True
+
+
 def test_windows_fit_one_epoch_or_span_whole_epochs() -> None:
     assert Plan.of(30, 100, 20, steps_per_epoch=396) == Plan(31, 131, 151)
     assert Plan.of(30, 100, 20, steps_per_epoch=25) == Plan(31, 131, 156)  # 4 and 1 epochs
