@@ -1,11 +1,10 @@
 # Two commands on a fresh machine: `make train` and `make test`. Both create .venv first.
 VENV ?= .venv
-CUDA_VENV ?= .venv-cuda
 PY := $(VENV)/bin/python
 NPROC ?= 2
 ARGS ?=
 
-.PHONY: install train test benchmark benchmark-dsl gpu-check gpu-check-cpu
+.PHONY: install train test benchmark benchmark-dsl wheelhouse gpu-check gpu-check-cpu
 
 $(VENV)/.installed: pyproject.toml requirements-common.txt requirements-cpu.txt \
 		requirements-cpu-nodeps.txt
@@ -33,17 +32,26 @@ benchmark-dsl: install
 	$(PY) benchmarks/train_benchmark.py mf_gowalla_dsl_d0.1 +experiment=mf_gowalla_dsl sparsity.density=0.1 $(ARGS)
 	$(PY) benchmarks/dsl_vs_dense.py
 
-# The CUDA path in one command on a GPU machine (benchmarks/gpu_check.py): its own environment
-# with requirements-cuda.txt and this package (with its test extra, for pytest), nothing else;
-# writes benchmarks/results/gpu_check.json.
-$(CUDA_VENV)/.installed: pyproject.toml requirements-common.txt requirements-cuda.txt
-	python3 -m venv $(CUDA_VENV)
-	$(CUDA_VENV)/bin/python -m pip install -q -r requirements-cuda.txt
-	$(CUDA_VENV)/bin/python -m pip install -q -e '.[test]'
-	touch $@
+# GPU machines, often without internet and with their own torch (docs/gpu.md). On a networked
+# machine, `make wheelhouse GPU_TORCH=2.11 GPU_PY=3.12` downloads into $(WHEELHOUSE) the CUDA
+# fbgemm-gpu and torchrec released for that torch and the small packages such images lack; on
+# the GPU machine, `make gpu-check` installs them from there with no index (when the folder is
+# there; else the packages already installed are used) beside the image's torch, and runs
+# benchmarks/gpu_check.py, which refuses a torch / fbgemm-gpu / torchrec set that does not fit.
+WHEELHOUSE ?= wheelhouse
+GPU_SITE ?= .gpu-site
+GPU_PYTHON ?= python3
+GPU_TORCH ?= 2.13
+GPU_PY ?= 3.12
 
-gpu-check: $(CUDA_VENV)/.installed
-	$(CUDA_VENV)/bin/python benchmarks/gpu_check.py $(ARGS)
+wheelhouse:
+	$(GPU_PYTHON) benchmarks/gpu_env.py wheelhouse --torch $(GPU_TORCH) --python $(GPU_PY) \
+		--out $(WHEELHOUSE)
+
+gpu-check:
+	if [ -d $(WHEELHOUSE) ]; then $(GPU_PYTHON) benchmarks/gpu_env.py install \
+		--wheelhouse $(WHEELHOUSE) --target $(GPU_SITE); fi
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PYTHON) benchmarks/gpu_check.py $(ARGS)
 
 # The same steps on CPU, tiny (what CI runs through tests/test_gpu_check.py).
 gpu-check-cpu: install

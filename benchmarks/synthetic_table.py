@@ -104,8 +104,10 @@ def update_once(method: str, weights: int, dim: int, density: float, touched: fl
         _randomise_growth(sparsity, touched)
         release_freed_memory()  # as the trainer does after the initial masks
         before = rss_mb()
+        allocated = None  # on CUDA: what the update's extra memory is counted over
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
+            allocated = torch.cuda.memory_allocated(ctx.device) / 2**20
         peaks = PeakTracker(high_water_marks(ctx.device))
         peaks.start()
         record = sparsity.update(1)
@@ -115,7 +117,8 @@ def update_once(method: str, weights: int, dim: int, density: float, touched: fl
                 "backend": ctx.backend,
                 "optimizer": OPTIMIZER[ctx.device.type], "seconds": record["seconds"],
                 "active": record["active"], "budget": record["budget"],
-                "moved": record["grown"], "rss_mb_before": before, **memory}
+                "moved": record["grown"], "rss_mb_before": before,
+                "allocated_mb_before": allocated, **memory}
     finally:
         shutdown_distributed()
 

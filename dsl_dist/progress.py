@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Optional, TextIO
+from typing import TYPE_CHECKING, Any, Optional, TextIO
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 REFRESH_S = 0.25
 """The bar is redrawn at most this often: a step costs a clock read, nothing more."""
@@ -50,6 +51,8 @@ class ProgressBar:
         self._epoch, self._done, self._total, self._first = epoch, done, total, done
         self._started = self._shown = time.monotonic()
         if self.plain_every_s is None:
+            from tqdm import tqdm  # only for a terminal: GPU images may lack it
+
             self._bar = tqdm(total=total, initial=done, desc=f"epoch {epoch}", unit="step",
                              file=self.stream, leave=False, dynamic_ncols=True,
                              mininterval=REFRESH_S)
@@ -81,7 +84,7 @@ class ProgressBar:
     def print(self, message: str, *, file: Optional[TextIO] = None, flush: bool = True) -> None:
         """Prints a line above the bar instead of through it."""
         if self._bar is not None:
-            tqdm.write(message, file=file or self.stream)
+            self._bar.write(message, file=file or self.stream)
         else:
             print(message, file=file, flush=flush)
 

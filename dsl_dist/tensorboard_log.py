@@ -11,8 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from torch.utils.tensorboard import SummaryWriter
-
 MAX_QUEUE = 1000
 """Scalars queued for the writer's thread: a queue that fills makes training wait for disk."""
 FLUSHED_AFTER = ("epoch", "eval")
@@ -52,6 +50,9 @@ class TensorBoardSink:
     """A run log sink writing `scalars` of every event to a new event file in `directory`."""
 
     def __init__(self, directory: Path, purge_step: Optional[int] = None) -> None:
+        # imported here: only a run that writes event files needs tensorboard
+        from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(str(directory), max_queue=MAX_QUEUE,
                                     purge_step=purge_step)
 

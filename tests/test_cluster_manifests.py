@@ -16,7 +16,10 @@ from operator import getitem
 from typing import Any, Iterator
 
 import pytest
-import yaml
+
+pytest.importorskip("jsonschema", reason="optional test dependency (the test extra)")
+pytest.importorskip("kubernetes_validate", reason="optional test dependency (the test extra)")
+import yaml  # noqa: E402
 
 from conftest import REPO
 from k8s_schema import problems, schema_validator, structural, violations

@@ -3,8 +3,13 @@ budget, and a state that only loads into a run with the same schedule and budget
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 
+from dsl_dist.config import ControlConfig
+from dsl_dist.control import controller_kind
 from dsl_dist.control.controller import SparsityController
 from dsl_dist.sparsity.schedule import UpdateSchedule
 
@@ -49,3 +54,26 @@ def test_an_update_step_is_planned_once() -> None:
     with pytest.raises(RuntimeError, match="planned again"):
         controller.plan(10)
     assert controller.plan(20)
+
+
+def test_auto_picks_the_collective_controller_without_importing_ray(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torchrun job on a machine without ray (a GPU image) must not need it."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    assert controller_kind(ControlConfig()) == "collective"
+    assert "ray" not in sys.modules
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert controller_kind(ControlConfig()) == "ray"
+    assert "ray" not in sys.modules
+    assert controller_kind(ControlConfig(controller="collective")) == "collective"
+
+
+@pytest.mark.parametrize("connected", [True, False])
+def test_auto_picks_ray_inside_a_ray_job(monkeypatch: pytest.MonkeyPatch,
+                                         connected: bool) -> None:
+    """A Ray worker has imported ray and is connected; a process that imported it without
+    connecting is not a Ray job."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: connected))
+    assert controller_kind(ControlConfig()) == ("ray" if connected else "collective")

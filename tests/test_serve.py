@@ -18,7 +18,9 @@ from typing import Any, Iterator, Optional
 
 import pytest
 
-from conftest import EXPORT_RUNS
+pytest.importorskip("ray", reason="Ray Serve is optional; absent from bare GPU images")
+pytest.importorskip("safetensors", reason="the export format; absent from bare GPU images")
+from conftest import EXPORT_RUNS  # noqa: E402
 from dsl_dist.serving.export import load_config
 from ranking import final_eval, metrics_at, split_items
 from test_launchers import free_port

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+
+pytest.importorskip("tensorboard", reason="optional: TensorBoard event files")
+pytest.importorskip("matplotlib", reason="optional: the report's figures")
+from PIL import Image  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO, SHARED_DATA

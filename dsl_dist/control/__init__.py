@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 from dsl_dist.config import ConfigError, ControlConfig
@@ -21,14 +22,16 @@ def ray_address(cfg: ControlConfig) -> Optional[str]:
 
 
 def controller_kind(cfg: ControlConfig) -> str:
-    """collective or ray: `auto` is ray inside a Ray job or when a Ray address is given."""
+    """collective or ray: `auto` is ray inside a Ray job or when a Ray address is given.
+
+    `auto` never imports ray itself: a Ray job's worker has imported it already (and connected),
+    so a torchrun job on a machine without ray (a GPU image, say) still gets its controller."""
     if cfg.controller != "auto":
         return cfg.controller
     if ray_address(cfg):
         return "ray"
-    import ray  # only now: importing ray costs a second
-
-    return "ray" if ray.is_initialized() else "collective"
+    ray = sys.modules.get("ray")
+    return "ray" if ray is not None and ray.is_initialized() else "collective"
 
 
 def connect_controller(cfg: ControlConfig, ctx: DistContext, schedule: UpdateSchedule,
