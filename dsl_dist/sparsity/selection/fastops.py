@@ -4,26 +4,53 @@ Training processes run one thread each, and there torch's boolean indexing, nonz
 row-wise any() take 3-8x the time of NumPy's on the same memory (2.6M elements: nonzero 6 ms
 vs 0.7 ms). Drop-and-grow makes a few such passes over every shard per update, so they decide
 its cost. NumPy shares the tensors' memory (no copy); other devices use torch.
+
+Every branch chosen by device asks `host_path`, and `DSL_DEVICE_PATH=torch` (or the
+`device_path()` context) sends CPU tensors down the torch branch, the one a GPU runs, so
+that CI on CPU runs the GPU's code too.
 """
 
 from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from dsl_dist.sparsity.selection import chunk_kernels
 
+_forced_device_path = os.environ.get("DSL_DEVICE_PATH", "") == "torch"
+
+
+def host_path(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` takes the NumPy/numba branch: on CPU, unless the device (torch) path
+    is forced."""
+    return tensor.device.type == "cpu" and not _forced_device_path
+
+
+@contextmanager
+def device_path() -> Iterator[None]:
+    """Within it, CPU tensors take the torch branch a GPU takes (for tests on CPU)."""
+    global _forced_device_path
+    previous, _forced_device_path = _forced_device_path, True
+    try:
+        yield
+    finally:
+        _forced_device_path = previous
+
 
 def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
     """int64 indices of the True entries of a bool tensor, in its flattened (row-major) order."""
-    if mask.device.type == "cpu":
+    if host_path(mask):
         return torch.from_numpy(mask.contiguous().numpy().reshape(-1).nonzero()[0])
     return torch.nonzero(mask.reshape(-1)).view(-1)
 
 
 def compress(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """values[keep] for a 1-D tensor and a bool tensor of the same length."""
-    if values.device.type == "cpu":
+    if host_path(values):
         return torch.from_numpy(values.contiguous().numpy()[keep.numpy()])
     return values[keep]
 
@@ -33,7 +60,7 @@ def multiply_rows_(weight: torch.Tensor, rows: torch.Tensor, factors: torch.Tens
     (repeated rows allowed when their factors agree: each copy writes the same product).
     NumPy's take and fancy assignment are ~1.5x faster here than torch's
     index_select/index_copy_, and this runs after every step."""
-    if weight.device.type == "cpu":
+    if host_path(weight):
         w, r = weight.detach().numpy(), rows.numpy()
         block = np.take(w, r, axis=0)
         block *= factors.numpy()
@@ -45,7 +72,7 @@ def multiply_rows_(weight: torch.Tensor, rows: torch.Tensor, factors: torch.Tens
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """A 2-D bool tensor as uint8 (rows, ceil(cols / 8)), 8 columns a byte, first column in
     the high bit (NumPy's packbits)."""
-    if mask.device.type == "cpu":
+    if host_path(mask):
         return torch.from_numpy(np.packbits(mask.contiguous().numpy(), axis=1))
     padded = torch.nn.functional.pad(mask, (0, -mask.shape[1] % 8)).view(mask.shape[0], -1, 8)
     weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=mask.device)
@@ -54,7 +81,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
     """The bool (rows, cols) tensor `pack_bits` packed."""
-    if packed.device.type == "cpu":
+    if host_path(packed):
         return torch.from_numpy(np.unpackbits(packed.contiguous().numpy(), axis=1,
                                               count=cols).view(np.bool_))
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
@@ -63,7 +90,7 @@ def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
 
 def popcount(packed: torch.Tensor) -> int:
     """The set bits of a packed mask."""
-    if packed.device.type == "cpu":
+    if host_path(packed):
         return int(np.bitwise_count(packed.numpy()).sum(dtype=np.int64))
     return int(unpack_bits(packed.view(-1, 1), 8).sum())
 
@@ -71,7 +98,7 @@ def popcount(packed: torch.Tensor) -> int:
 def zero_where_(values: torch.Tensor, packed: torch.Tensor) -> None:
     """Zeroes the entries of a 2-D tensor whose bit is set in `packed` (its pack_bits
     mask), in place; on CPU without unpacking the mask."""
-    if values.device.type == "cpu":
+    if host_path(values):
         integers = {2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()]
         chunk_kernels.zero_where(values.detach().view(integers).numpy(), packed.numpy())
         return

@@ -23,8 +23,8 @@ import torch
 from dsl_dist.sparsity.selection import chunk_kernels
 from dsl_dist.sparsity.selection.exact import (BINS, DIGIT_BITS, SCORE_BITS, CountReducer,
                                          _order_keys, _radix_select, local_counts, narrow)
-from dsl_dist.sparsity.selection.fastops import (compress, concat, flat_nonzero, pack_bits,
-                                                 unpack_bits)
+from dsl_dist.sparsity.selection.fastops import (compress, concat, flat_nonzero, host_path,
+                                                 pack_bits, unpack_bits)
 
 TIE_MEMORY = 32 << 20
 """Bytes of tied candidates (over all ranks) that one pass holds instead of streaming over
@@ -74,7 +74,7 @@ def unsigned_keys(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _fused(chunk: Chunk) -> bool:
-    return FUSED and chunk.scores.device.type == "cpu"
+    return FUSED and host_path(chunk.scores)
 
 
 def _kernel_arguments(chunk: Chunk) -> tuple[np.ndarray, int, bool, np.ndarray, bool]:
@@ -176,7 +176,7 @@ def _split(chunk: Chunk, key: int, largest: bool, take_ties: bool
 
 def _set_flat(packed: torch.Tensor, cols: int, flat: torch.Tensor) -> None:
     """Sets the bits of the entries at flat indices `flat` of a packed (rows, cols) mask."""
-    if packed.device.type == "cpu":
+    if host_path(packed):
         chunk_kernels.set_flat(packed.numpy(), cols, flat.numpy())
         return
     mask = unpack_bits(packed, cols).view(-1)

@@ -14,7 +14,7 @@ import torch
 
 from dsl_dist.model.shards import WeightBlock
 from dsl_dist.sparsity.selection import chunk_kernels
-from dsl_dist.sparsity.selection.fastops import multiply_rows_, unpack_bits
+from dsl_dist.sparsity.selection.fastops import host_path, multiply_rows_, unpack_bits
 from dsl_dist.sparsity.selection.hashing import position_digest
 
 @dataclass
@@ -99,7 +99,7 @@ class MaskedShard:
     def active_digest(self, rows: slice) -> tuple[int, int]:
         """The active weights of `rows` and the sum of a 32-bit hash of each one's global
         position (the top bits of position * POSITION_SCRAMBLE): a mask digest's share."""
-        if self.bits.device.type == "cpu":
+        if host_path(self.bits):
             return chunk_kernels.count_and_digest(self.bits[rows].numpy(), self.num_cols,
                                                   *self.position_layout(rows))
         active = self.positions(rows)[self.mask_of(rows)]
