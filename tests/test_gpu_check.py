@@ -132,7 +132,7 @@ def test_only_reruns_its_steps_into_the_json_and_a_spent_budget_skips_the_rest(
     assert [r["batch"] for r in result["plain_loop"]] == [64, 256]  # measured again
     assert result["steps"]["train_mf"]["status"] == "ok"  # kept from the full check
     assert len(result["runs"]) == 12
-    done = gpu_check("--cpu", "--only", "unit_tests", "--budget", "0.5", "--out", str(out))
+    gpu_check("--cpu", "--only", "unit_tests", "--budget", "0.5", "--out", str(out))
     assert json.loads(out.read_text())["steps"]["unit_tests"] == {
         "status": "skipped", "note": "out of the check's budget"}
 
