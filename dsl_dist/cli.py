@@ -5,24 +5,58 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any, Callable, NoReturn, Optional
 
+from dsl_dist.checkpoint import CheckpointError
 from dsl_dist.config import ConfigError, JobConfig
 from dsl_dist.config.compose import CONFIG_DIR, compose_job
 from dsl_dist.data.errors import DataError
 from dsl_dist.run_log import RunDirError
 
-BAD_INPUT = (ConfigError, DataError, RunDirError)
-"""The errors a user's input causes, reported as one line and exit status 2."""
+BAD_INPUT = (ConfigError, DataError, RunDirError, CheckpointError)
+"""The errors a user's input causes (a checkpoint to resume from included), reported as one
+line and exit status 2."""
 
 USAGE = f"""usage: {{prog}} [KEY=VALUE | GROUP=OPTION | +experiment=NAME ...]
 
 Hydra overrides of the configuration in {CONFIG_DIR} (README.md, "Configuration")."""
 
 
+ERROR_FILE_ENV = "DSL_DIST_ERROR_FILE"
+"""Set by `dsl-dist train` (dsl_dist/launch.py) for its ranks: the first rank to find a
+mistake writes its line there, for the launcher to print once."""
+
+QUIET_EXIT_WAIT_S = 5.0
+"""Under the launcher, how long a rank that failed otherwise (a collective whose peer has
+exited) waits for a peer's report before it calls its failure its own."""
+
+
 def exit_bad_input(exc: Exception) -> NoReturn:
-    print(f"error: {exc}", file=sys.stderr, flush=True)
+    """Exits with status 2 after the one-line message: printed here, or under the launcher
+    written to its error file if no rank has written one yet."""
+    error_file = os.environ.get(ERROR_FILE_ENV)
+    if error_file is None:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+    else:
+        try:
+            with open(error_file, "x") as f:
+                f.write(str(exc))
+        except FileExistsError:
+            pass
     sys.exit(2)
+
+
+def _reported_by_a_peer() -> bool:
+    """Under the launcher: whether another rank reported a mistake (this rank's failure then
+    follows from that rank's exit)."""
+    error_file = os.environ.get(ERROR_FILE_ENV)
+    deadline = time.monotonic() + QUIET_EXIT_WAIT_S
+    while error_file is not None and time.monotonic() < deadline:
+        if os.path.exists(error_file):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def hydra_entry(job: Callable[[JobConfig], Any]) -> Callable[[Optional[list[str]]], None]:
@@ -38,6 +72,10 @@ def hydra_entry(job: Callable[[JobConfig], Any]) -> Callable[[Optional[list[str]
             job(compose_job(argv))
         except BAD_INPUT as exc:
             exit_bad_input(exc)
+        except Exception:
+            if _reported_by_a_peer():
+                sys.exit(2)
+            raise
         # Everything is written: leave without interpreter teardown, where native threads left
         # by the distributed libraries occasionally abort the process ("terminate called
         # without an active exception") and would turn a finished run into a failed one.

@@ -1,5 +1,6 @@
-"""`dsl-dist COMMAND ...`: the tools around a training run (training itself is `dsl-train` /
-`torchrun -m dsl_dist.train` with Hydra overrides).
+"""`dsl-dist COMMAND ...`: training on this machine (`dsl-dist train --nproc N`) and the tools
+around a run. torchrun, Ray and Kubernetes launch `dsl_dist.train` / `dsl_dist.ray_train`
+directly.
 
 Each command lives in its own module, imported only when it runs, with a
 `main(argv: list[str]) -> None` that parses its own arguments.
@@ -12,6 +13,7 @@ import sys
 from typing import Optional
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("dsl_dist.launch", "train with --nproc N ranks on this machine (Hydra overrides)"),
     "export": ("dsl_dist.serving.export", "write a trained run's model as a compact artifact"),
     "serve": ("dsl_dist.serving.serve",
               "serve an exported artifact's top-K recommendations over HTTP"),

@@ -3,6 +3,10 @@
 The run log is the one place that emits events; other sinks (the progress bar, TensorBoard)
 receive the same events as they are written, so what they show matches metrics.jsonl by
 construction.
+
+A run claims its directory when it has trained its first step: until then its events wait in
+memory and nothing is written, so a run that fails on its way there (a wrong data path, a
+corrupt shard) leaves nothing that would refuse the corrected command or show up in reports.
 """
 
 from __future__ import annotations
@@ -28,6 +32,14 @@ def run_dir_of(cfg: JobConfig) -> Path:
                            f"{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def started(metrics: Path) -> bool:
+    """Whether the run of this metrics.jsonl has trained a step (an event carries one)."""
+    if not metrics.is_file():
+        return False
+    with metrics.open() as f:
+        return any('"step":' in line for line in f)
+
+
 class Sink(Protocol):
     """Receives every event the run log writes (rank 0 only)."""
 
@@ -43,11 +55,15 @@ class RunLog:
     place (`resuming_in_place`, a restarted job) cuts metrics.jsonl back to that, so that the
     events the resumed run writes again are not doubled."""
 
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, config_yaml: str = "") -> None:
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
+        self.config_yaml = config_yaml
+        """Written to <run_dir>/config.yaml when the run claims the directory."""
         self.resuming_in_place = False
+        self.claimed = False
+        self._pending: list[tuple[str, dict[str, Any]]] = []
         self.sinks: list[Sink] = []
         self.echo: Callable[..., None] = print
         """Prints messages; a progress bar replaces it so that lines do not tear its bar."""
@@ -69,16 +85,28 @@ class RunLog:
         if self.resuming_in_place:
             self.truncate(state["lines"])
 
-    def claim(self) -> None:
-        """Creates the run directory and an empty metrics.jsonl, refusing a directory that
-        already holds a run."""
-        if not self.enabled:
-            return
-        if self.path.exists():
+    def check_free(self) -> None:
+        """Refuses a directory that holds a run which has trained a step (one that has not,
+        left by an earlier version, is taken over)."""
+        if self.enabled and started(self.path):
             raise RunDirError(f"run_dir={str(self.run_dir)!r} already holds a run "
                               f"({self.path.name}); choose another run_dir")
+
+    def claim(self) -> None:
+        """At the run's first step: creates the run directory with config.yaml and
+        metrics.jsonl holding the events so far (a restart resumes it from now on)."""
+        if self.claimed:
+            return
+        self.claimed = True
+        if not self.enabled:
+            return
+        self.check_free()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.path.touch()  # the run exists from now on: a restart resumes it
+        (self.run_dir / "config.yaml").write_text(self.config_yaml)
+        self.path.write_text("")
+        pending, self._pending = self._pending, []
+        for event, fields in pending:
+            self.write(event, **fields)
 
     def lines(self) -> int:
         """Events written so far (0 on ranks other than 0)."""
@@ -94,7 +122,9 @@ class RunLog:
             self.path.write_text("".join(kept))
 
     def write(self, event: str, **fields: Any) -> None:
-        if self.enabled:
+        if self.enabled and not self.claimed:
+            self._pending.append((event, fields))
+        elif self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps({"event": event, **fields}) + "\n")
             for sink in self.sinks:

@@ -9,7 +9,10 @@ also hides the earlier files' events after the step it resumed from, which it wr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 MAX_QUEUE = 1000
 """Scalars queued for the writer's thread: a queue that fills makes training wait for disk."""
@@ -47,16 +50,21 @@ def scalars(event: str, fields: dict[str, Any]) -> Iterator[tuple[str, float]]:
 
 
 class TensorBoardSink:
-    """A run log sink writing `scalars` of every event to a new event file in `directory`."""
+    """A run log sink writing `scalars` of every event to a new event file in `directory`,
+    created at the first event (the run log sends none before the run's first step, so a run
+    that never trained leaves no event file)."""
 
     def __init__(self, directory: Path, purge_step: Optional[int] = None) -> None:
-        # imported here: only a run that writes event files needs tensorboard
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(directory), max_queue=MAX_QUEUE,
-                                    purge_step=purge_step)
+        self.directory, self.purge_step = directory, purge_step
+        self.writer: Optional[SummaryWriter] = None
 
     def write(self, event: str, fields: dict[str, Any]) -> None:
+        if self.writer is None:
+            # imported here: only a run that writes event files needs tensorboard
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.directory), max_queue=MAX_QUEUE,
+                                        purge_step=self.purge_step)
         step = fields.get("step", 0)
         for tag, value in scalars(event, fields):
             self.writer.add_scalar(tag, value, step)
@@ -64,4 +72,5 @@ class TensorBoardSink:
             self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()

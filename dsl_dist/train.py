@@ -191,6 +191,7 @@ class Trainer:
             self.dense_optimizer.step()
             self.dense_optimizer.zero_grad()
         self.progress.step += 1
+        self.log.claim()
         # what an update's peak is measured against (its extra memory); read at update steps
         # only, off the other steps' path
         before = rss_mb() if self.schedule.is_update_step(self.step) else None
@@ -317,20 +318,19 @@ class Trainer:
 
 
 def build_trainer(cfg: JobConfig) -> Trainer:
-    """Validates `cfg`, joins the process group of the current environment, claims the run
-    directory and builds this rank's trainer."""
+    """Validates `cfg`, joins the process group of the current environment, checks that the
+    run directory is free (the first step claims it) and builds this rank's trainer."""
     cfg.validate()
     ctx = init_distributed(cfg.backend)
     run_dir = ctx.broadcast_object(run_dir_of(cfg))
-    log = RunLog(run_dir, enabled=ctx.is_main)
+    log = RunLog(run_dir, enabled=ctx.is_main,
+                 config_yaml=OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     store = CheckpointStore(Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else
                             run_dir / "checkpoints", cfg.checkpoint.keep, ctx)
     candidates = ctx.main_then_broadcast(lambda: _resume_candidates(cfg, store, log))
-    log.resuming_in_place = cfg.checkpoint.resume == "auto" and bool(candidates)
+    log.resuming_in_place = log.claimed = cfg.checkpoint.resume == "auto" and bool(candidates)
     if not log.resuming_in_place:
-        ctx.main_then_broadcast(log.claim)
-        if ctx.is_main:
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        ctx.main_then_broadcast(log.check_free)  # the directory is claimed at the first step
     log.print(f"run_dir {run_dir}, {ctx.world_size} rank(s), backend {ctx.backend}")
     tensorboard = cfg.train.tensorboard and ctx.is_main
     if tensorboard and not log.resuming_in_place:

@@ -7,6 +7,8 @@ data-parallel tables, which TorchRec keeps as dense replicated parameters.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -50,6 +52,36 @@ def embedding_tables(model: nn.Module) -> list[BaseEmbeddingConfig]:
             for table in module.embedding_bag_configs()]
 
 
+KNOWN_WARNINGS = {
+    "torchrec.distributed.planner.types": "otherwise, the job will fail",
+    "torchrec.distributed.planner.storage_reservations": "known issue with TorchRec's dense",
+    "torch.fx._symbolic_trace": "is_fx_tracing will return true",
+}
+"""Logger → text of warnings TorchRec 1.8 logs on every run, on every rank, about choices it
+makes itself (the planner's topology and storage estimate, its own FX checks); they ask
+nothing of us and would bury our lines, so `quiet_known_warnings` drops them, and only them."""
+
+
+class _DropText(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_known_warnings() -> None:
+    """Drops KNOWN_WARNINGS (and the planner's FutureWarning on its default storage
+    reservation, which we use as TorchRec's examples do)."""
+    for name, text in KNOWN_WARNINGS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropText) for f in logger.filters):
+            logger.addFilter(_DropText(text))
+    warnings.filterwarnings("ignore", message="HeuristicalStorageReservation is known",
+                            category=FutureWarning)
+
+
 def shard_model(model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfig,
                 ctx: DistContext) -> DistributedModelParallel:
     """Plans and applies the sharding of `model`'s tables across the ranks of `ctx`."""
@@ -66,6 +98,7 @@ def shard_model(model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfig
         for table in tables
     }
     sharders = [EmbeddingBagCollectionSharderAnyDevice()]
+    quiet_known_warnings()
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=ctx.world_size, compute_device=ctx.device.type),
         constraints=constraints,

@@ -9,7 +9,10 @@ at the end (active weights per row against the row's popularity, from the final 
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 from dsl_dist.report import plots
 from dsl_dist.report.rows import active_per_row, popularity
@@ -42,17 +45,36 @@ def write_report(runs: list[Run], out: Path, k: int = 20) -> Path:
     return index
 
 
+def _refuse(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="dsl-dist report", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
     parser.add_argument("--out", type=Path, required=True, help="where the figures go")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="clear --out first if it exists (else it is refused)")
     parser.add_argument("--k", type=int, default=20, help="the cut-off of the curves' metrics")
     args = parser.parse_args(argv)
     try:
         runs = [Run.load(directory) for directory in args.runs]
     except ReportError as exc:
-        parser.error(str(exc))
+        _refuse(str(exc))
+    for run in runs:
+        if not run.started:
+            print(f"skipping {run.directory}: it never trained a step", file=sys.stderr)
+    runs = [run for run in runs if run.started]
+    if not runs:
+        _refuse("no run that trained a step")
     names = [run.name for run in runs]
     if len(set(names)) < len(names):
-        parser.error(f"run directories must have distinct names (their figures' names): {names}")
+        _refuse(f"run directories must have distinct names (their figures' names): {names}")
+    if args.out.exists() and not args.overwrite:
+        _refuse(f"--out {args.out} exists; give --overwrite to replace it")
+    if args.out.is_dir():
+        shutil.rmtree(args.out)  # no stale figures of an earlier report
+    elif args.out.exists():
+        args.out.unlink()
     print(write_report(runs, args.out, args.k))

@@ -43,6 +43,11 @@ class Run:
                 else f"{sparsity['name']} d={sparsity['density']:g}")
         return f"{self.name} ({self.config['model']['name']}, {kind})"
 
+    @property
+    def started(self) -> bool:
+        """Whether the run trained a step (a run that failed before has nothing to show)."""
+        return any("step" in e for e in self.events)
+
     def of(self, event: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["event"] == event]
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import socket
 import sys
 import threading
 from dataclasses import dataclass
@@ -171,6 +172,18 @@ def app(args: dict[str, str]) -> Application:
                      batch_wait_timeout_s=float(args.get("batch_wait_timeout_s", 0.005)))
 
 
+def _check_free(host: str, port: int) -> None:
+    """Refuses (OSError) a port another process listens on, before Ray starts: Ray Serve's
+    proxy would otherwise fail in its own process with a screenful of tracebacks."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port} ({exc.strerror}); "
+                          "choose another --port") from None
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="dsl-dist serve", description=__doc__.split("\n")[0])
     parser.add_argument("artifact", type=Path, help="a directory written by dsl-dist export")
@@ -186,7 +199,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         application = build_app(args.artifact, replicas=args.replicas, max_users=args.max_users,
                                 max_batch_size=args.max_batch_size)
-    except ArtifactError as exc:
+        _check_free(args.host, args.port)
+    except (ArtifactError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     ray.init(address=args.address or "local", include_dashboard=False)
