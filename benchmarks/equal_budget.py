@@ -31,12 +31,10 @@ import argparse
 import fnmatch
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import job_config, parameter_counts  # noqa: E402
-from train_benchmark import RESULTS, run_benchmark  # noqa: E402
+from reproduce import job_config, parameter_counts
+from train_benchmark import RESULTS, run_benchmark
 
 RUNS = RESULTS / "equal_budget"
 VALID_FRACTION = 0.1

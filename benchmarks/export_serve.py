@@ -33,7 +33,6 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-sys.path.insert(0, str(REPO / "tests"))
 NOTE = ("Measured on a shared 2-core machine while other jobs ran: timings (export, load, "
         "latency, throughput) are distorted by their load and are upper bounds; byte counts "
         "and metric agreement are exact.")
@@ -54,7 +53,8 @@ def train(name: str, epochs: int, data: Path) -> tuple[Path, list[str]]:
 def agreement(model: Any, run_dir: Path) -> dict[str, float]:
     """The Python API's Recall@20 / NDCG@20 over every test user against the run's own."""
     from dsl_dist.serving.export import load_config
-    from ranking import final_eval, metrics_at, split_items
+    from dsl_dist.report.runs import last_event
+    from dsl_dist.report.served import metrics_at, split_items
 
     test = split_items(Path(load_config(run_dir / "config.yaml").data.path))
     item_index = {raw: i for i, raw in enumerate(model.item_ids)}
@@ -62,7 +62,7 @@ def agreement(model: Any, run_dir: Path) -> dict[str, float]:
     for start in range(0, len(test.users), 1024):
         recs = model.recommend([model.user_ids[u] for u in test.users[start:start + 1024]], 20)
         tops += [[item_index[i] for i in items] for items in recs.items]
-    served, run = metrics_at(tops, test, 20), final_eval(run_dir)
+    served, run = metrics_at(tops, test, 20), last_event(run_dir, "eval")
     return {**{f"served_{k}": v for k, v in served.items()},
             **{f"run_{k}": run[k] for k in served},
             "max_abs_difference": max(abs(served[k] - run[k]) for k in served)}

@@ -36,10 +36,9 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_benchmark import REPO, RESULTS, run_benchmark  # noqa: E402
+from train_benchmark import REPO, RESULTS, run_benchmark
 
-from dsl_dist.report.plots import density_grid  # noqa: E402
+from dsl_dist.report.plots import density_grid
 
 RUNS = RESULTS / "reproduce"
 DATA = ("gowalla", "lastfm")

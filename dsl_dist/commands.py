@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("dsl_dist.serving.export", "write a trained run's model as a compact artifact"),
     "serve": ("dsl_dist.serving.serve",
               "serve an exported artifact's top-K recommendations over HTTP"),
-    "report": ("dsl_dist.report", "plot one or more runs (learning curves, densities, masks)"),
+    "report": ("dsl_dist.report.index", "plot one or more runs (learning curves, densities, masks)"),
 }
 
 

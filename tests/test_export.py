@@ -20,10 +20,11 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from conftest import EXPORT_RUNS
 from dsl_dist.checkpoint import CheckpointError, complete_checkpoints, fingerprint
 from dsl_dist.commands import main as dsl_dist_main
+from dsl_dist.report.runs import last_event
+from dsl_dist.report.served import metrics_at, split_items
 from dsl_dist.serving.artifact import WEIGHTS, ArtifactError, decode, read_artifact
 from dsl_dist.serving.export import ExportError, export, load_config, run_config
 from dsl_dist.serving.inference import UnknownUsers, load
-from ranking import final_eval, last_budget, metrics_at, split_items
 
 pytestmark = pytest.mark.multiprocess
 
@@ -45,7 +46,7 @@ def test_top20_reproduces_the_runs_evaluation(name: str, lastfm_runs: dict[str, 
     recs = model.recommend([model.user_ids[u] for u in test.users], k=20)
     item_index = {raw: i for i, raw in enumerate(model.item_ids)}
     served = metrics_at([[item_index[i] for i in items] for items in recs.items], test, 20)
-    run = final_eval(lastfm_runs[name])
+    run = last_event(lastfm_runs[name], "eval")
     assert run["users"] == len(test.users)
     for metric, value in served.items():
         assert abs(value - run[metric]) <= 1e-6, (metric, value, run[metric])
@@ -59,7 +60,7 @@ def test_a_sparse_export_holds_exactly_the_budget(name: str, lastfm_runs: dict[s
     """Exactly `budget` weights are stored, those of the checkpoint's masks (or blocks). A few
     may be exactly 0: weights grown at the last update start at 0, and rows that no batch
     looked up since have not moved them; nothing else is nonzero."""
-    budget = last_budget(lastfm_runs[name])
+    budget = last_event(lastfm_runs[name], "update")["budget"]
     artifact = read_artifact(lastfm_artifacts[name])
     stored = {t: decode(table) for t, table in artifact.tables.items()}
     assert sum(table.active for table in artifact.tables.values()) == budget

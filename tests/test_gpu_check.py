@@ -19,10 +19,9 @@ import torch
 
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-from gpu_env import FBGEMM_OF_TORCH, SMALL_WHEELS, mismatch  # noqa: E402
-from gpu_profile import Activity, Plan, busy_ns, kind, summarise  # noqa: E402
-from test_packaging import CPU, CUDA, pinned  # noqa: E402
+from gpu_env import FBGEMM_OF_TORCH, SMALL_WHEELS, mismatch
+from gpu_profile import Activity, Plan, busy_ns, kind, summarise
+from test_packaging import CPU, CUDA, pinned
 
 IMAGE_LACKS = ("ray,jsonschema,kubernetes_validate,tensorboard,tensorboardX,matplotlib,PIL,"
                "safetensors,faiss,tqdm,torchmetrics")

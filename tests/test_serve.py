@@ -21,8 +21,9 @@ import pytest
 pytest.importorskip("ray", reason="Ray Serve is optional; absent from bare GPU images")
 pytest.importorskip("safetensors", reason="the export format; absent from bare GPU images")
 from conftest import EXPORT_RUNS  # noqa: E402
+from dsl_dist.report.runs import last_event
+from dsl_dist.report.served import metrics_at, split_items
 from dsl_dist.serving.export import load_config
-from ranking import final_eval, metrics_at, split_items
 from test_launchers import free_port
 
 pytestmark = pytest.mark.multiprocess
@@ -94,7 +95,7 @@ def test_served_top20_reproduces_the_runs_evaluation(name: str, service: str,
         assert [r["user"] for r in answer["recommendations"]] == batch
         tops += [[item_index[i] for i in r["items"]] for r in answer["recommendations"]]
     served = metrics_at(tops, test, 20)
-    run = final_eval(lastfm_runs[name])
+    run = last_event(lastfm_runs[name], "eval")
     for metric, value in served.items():
         assert abs(value - run[metric]) <= 1e-6, (metric, value, run[metric])
 

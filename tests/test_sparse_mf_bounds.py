@@ -3,17 +3,12 @@ following popularity ** alpha, the budget exact."""
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import torch
 
-from conftest import REPO
+from sparse_mf_bounds import prefix_mask
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-from sparse_mf_bounds import prefix_mask  # noqa: E402
-
-from dsl_dist.data.graph import InteractionGraph  # noqa: E402
+from dsl_dist.data.graph import InteractionGraph
 
 DIM = 16
 

@@ -21,7 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import REPO, SHARED_DATA
 from dsl_dist.checkpoint import fingerprint
 from dsl_dist.progress import ProgressBar
-from dsl_dist.report import main as report_main
+from dsl_dist.report.index import main as report_main
 from dsl_dist.report.rows import active_per_row
 from dsl_dist.report.runs import Run
 from test_config import load

@@ -14,6 +14,22 @@ class ReportError(ValueError):
     """A directory given to the report is not a run (the message names it)."""
 
 
+def read_events(directory: Path) -> list[dict[str, Any]]:
+    """The events of `directory`/metrics.jsonl, in the order the run wrote them."""
+    metrics = directory / "metrics.jsonl"
+    if not metrics.is_file():
+        raise ReportError(f"{directory}: not a run directory (no metrics.jsonl)")
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line]
+
+
+def last_event(directory: Path, event: str) -> dict[str, Any]:
+    """The last `event` record of a run (e.g. its final "eval" or "update")."""
+    found = [e for e in read_events(directory) if e["event"] == event]
+    if not found:
+        raise ReportError(f"{directory}: metrics.jsonl has no {event!r} event")
+    return found[-1]
+
+
 @dataclass
 class Run:
     """One run directory: config.yaml and the events of metrics.jsonl."""
@@ -28,8 +44,8 @@ class Run:
         if not metrics.is_file() or not config.is_file():
             raise ReportError(f"{directory}: not a run directory (no metrics.jsonl and "
                               "config.yaml)")
-        events = [json.loads(line) for line in metrics.read_text().splitlines() if line]
-        return cls(directory, OmegaConf.to_container(OmegaConf.load(config)), events)
+        return cls(directory, OmegaConf.to_container(OmegaConf.load(config)),
+                   read_events(directory))
 
     @property
     def name(self) -> str:
