@@ -85,7 +85,9 @@ def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
         return torch.from_numpy(np.unpackbits(packed.contiguous().numpy(), axis=1,
                                               count=cols).view(np.bool_))
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
-    return ((packed[..., None] >> shifts) & 1).bool().view(packed.shape[0], -1)[:, :cols]
+    # contiguous like NumPy's result, so that callers may .view() it as on CPU
+    bits = ((packed[..., None] >> shifts) & 1).bool().view(packed.shape[0], -1)
+    return bits[:, :cols].contiguous()
 
 
 def popcount(packed: torch.Tensor) -> int:
