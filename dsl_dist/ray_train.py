@@ -3,8 +3,10 @@
 The driver runs the training loop of `dsl_dist.train` in a Ray Train `TorchTrainer` with
 `ray.num_workers` workers (gloo on CPU; NCCL, one GPU each, with `ray.use_gpu=true`). It
 creates the sparsity controller as a named actor itself, so the controller outlives any worker
-(a dense run never uses it), and every evaluation is reported through Ray Train. On a cluster of several nodes, give
-`data.source`, `data.path`, `run_dir` and `ray.storage_path` on storage every node sees.
+(a dense run never uses it), and every evaluation is reported through Ray Train. Runs are kept under
+`ray.storage_path` (default ~/dsl-dist, printed at start), not in the working directory, which
+`ray job submit` copies to a temporary place. On a cluster of several nodes, give
+`data.source`, `data.path` and `ray.storage_path` on storage every node sees.
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ def run_on_ray(cfg: JobConfig) -> dict[str, Any]:
             ray.init(address=address)
         else:
             ray.init(include_dashboard=False)
-    run_dir = Path(_local_path(str(run_dir_of(cfg))))
+    storage = Path(cfg.ray.storage_path).expanduser().resolve()
+    run_dir = storage / run_dir_of(cfg)  # an absolute run_dir stays as it is
+    print(f"storage_path {storage}: run_dir {run_dir}", flush=True)
     data = dataclasses.replace(cfg.data, source=_local_path(cfg.data.source),
                                path=_local_path(cfg.data.path))
     control = cfg.control
@@ -81,7 +85,7 @@ def run_on_ray(cfg: JobConfig) -> dict[str, Any]:
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         torch_config=TorchConfig(backend=backend),
-        run_config=RunConfig(name=run_dir.name, storage_path=_local_path(cfg.ray.storage_path),
+        run_config=RunConfig(name=run_dir.name, storage_path=str(storage / "ray_train"),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
     )
     result = trainer.fit()

@@ -59,6 +59,7 @@ def test_unknown_key_and_wrong_type_are_refused() -> None:
     ("control.controller=zookeeper", "control.controller"),
     ("ray.num_workers=0", "ray.num_workers"),
     ("ray.cpus_per_worker=0", "ray.cpus_per_worker"),
+    ("ray.storage_path=s3://bucket/runs", "ray.storage_path"),
     ("model.name=transformer", "model.name"),
     ("model=lightgcn model.lightgcn.num_layers=0", "model.lightgcn.num_layers"),
     ("model=lightgcn model.lightgcn.propagation=sampled", "model.lightgcn.propagation"),
