@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -12,6 +13,18 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/ranks.py for spawned wor
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """HOME for the whole suite: a temporary directory, so that the tests never write to the
+    user's home. Ray's ray.init() leaves ~/.ray/auth_token there, after which every
+    `ray start` on the machine turns token authentication on; caches go there too. The
+    subprocesses the tests start inherit it."""
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HOME", str(home))
+        yield home
 
 
 def write_clustered_dataset(directory: Path, num_users: int = 120, num_items: int = 60,

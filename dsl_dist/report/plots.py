@@ -24,17 +24,17 @@ def _save(figure: Figure, path: Path) -> Path:
 
 
 def learning_curves(runs: Sequence[Run], k: int, path: Path) -> Path:
-    """Recall@k and NDCG@k of every evaluation against the epoch, all runs overlaid."""
-    figure = Figure(figsize=(11, 4.2))
-    for axes, (metric, title) in zip(figure.subplots(1, 2), ((f"recall@{k}", f"Recall@{k}"),
-                                                             (f"ndcg@{k}", f"NDCG@{k}"))):
+    """The training loss of every epoch, and Recall@k and NDCG@k of every evaluation, against
+    the epochs trained, all runs overlaid."""
+    figure = Figure(figsize=(15, 4.2))
+    splits = " / ".join(sorted({run.config["eval"]["split"] for run in runs}))
+    panels = (("loss", "training loss (mean of the epoch)", "loss"),
+              (f"recall@{k}", f"Recall@{k} on {splits}", f"recall@{k} (fraction)"),
+              (f"ndcg@{k}", f"NDCG@{k} on {splits}", f"ndcg@{k} (fraction)"))
+    for axes, (metric, title, ylabel) in zip(figure.subplots(1, 3), panels):
         for run in runs:
-            evals = [e for e in run.reported() if metric in e]
-            axes.plot([e["epoch"] for e in evals], [e[metric] for e in evals], marker="o",
-                      label=run.label)
-        splits = sorted({run.config["eval"]["split"] for run in runs})
-        axes.set(title=f"{title} on {' / '.join(splits)}", xlabel="epoch (evaluated after it)",
-                 ylabel=f"{metric} (fraction)")
+            axes.plot(*run.curve(metric), marker="o", label=run.label)
+        axes.set(title=title, xlabel="epochs trained", ylabel=ylabel)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
     figure.axes[0].legend(fontsize="small")
