@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,9 @@ def _report(metrics: dict[str, float]) -> None:
 def _train_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: a rank of the same trainer torchrun runs (Ray Train has already
     formed the process group and owns its teardown)."""
+    # Ray Train shows a worker's INFO records, where TorchRec and FBGEMM describe every plan,
+    # table and kernel they build (about 100 lines a worker); torchrun shows warnings only
+    logging.getLogger().setLevel(logging.WARNING)
     build_trainer(config["job"]).fit(report=_report)
 
 
@@ -76,6 +81,9 @@ def run_on_ray(cfg: JobConfig) -> dict[str, Any]:
         name = control.actor_name or f"dsl-controller-{run_dir.name}"
         controller_actor(name, ray.get_runtime_context().namespace)
         control = dataclasses.replace(control, controller="ray", actor_name=name)
+    # Ray Train's workers otherwise send every print through a logger as well as to stdout,
+    # which shows rank 0's lines twice in the job's log (the driver passes this to them)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     backend = "nccl" if cfg.ray.use_gpu else "gloo"
     job = dataclasses.replace(cfg, data=data, control=control, run_dir=str(run_dir),
                               backend=backend)
