@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -92,15 +93,6 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "prepared"
 
 
-@pytest.fixture(scope="module")
-def finished_run(prepared: Path) -> Path:
-    run_dir = prepared.parent / "run"
-    done = dsl_dist("train", "--nproc", "2", *train_overrides(prepared, run_dir),
-                    "checkpoint.every=20")
-    assert done.returncode == 0, done.stderr[-3000:]
-    return run_dir
-
-
 def flip_a_byte(path: Path) -> bytes:
     """Corrupts `path` in its middle; returns its original bytes."""
     original = path.read_bytes()
@@ -110,23 +102,49 @@ def flip_a_byte(path: Path) -> bytes:
     return original
 
 
-@pytest.mark.multiprocess
-def test_a_corrupt_shard_is_named_once_and_blocks_no_rerun(prepared: Path,
-                                                           tmp_path: Path) -> None:
-    """Rank 1 reads the last shard: it names it, rank 0 leaves without a traceback, and the
-    failed run leaves nothing that would refuse the same command once the data is fixed."""
-    data, run_dir = tmp_path / "prepared", tmp_path / "run"
-    shutil.copytree(prepared, data)
-    shard = sorted((data / "train").glob("*.parquet"))[-1]
-    original = flip_a_byte(shard)
-    failed = dsl_dist("train", "--nproc", "2", *train_overrides(data, run_dir))
-    assert refusal(failed) == f"error: {shard}: corrupt shard (sha256 differs from the manifest)"
-    assert not run_dir.exists()
+@dataclass
+class FirstTry:
+    """The same command twice: with the last train shard corrupt, then, the shard restored,
+    to the end."""
 
-    shard.write_bytes(original)
-    rerun = dsl_dist("train", "--nproc", "2", *train_overrides(data, run_dir))
+    shard: Path
+    failed: subprocess.CompletedProcess
+    left_behind: bool
+    """Whether the failed run left its run directory."""
+    run_dir: Path
+
+
+@pytest.fixture(scope="module")
+def first_try(prepared: Path) -> FirstTry:
+    run_dir = prepared.parent / "run"
+    command = ["train", "--nproc", "2", *train_overrides(prepared, run_dir),
+               "checkpoint.every=20"]
+    shard = sorted((prepared / "train").glob("*.parquet"))[-1]
+    original = flip_a_byte(shard)
+    try:
+        failed = dsl_dist(*command)
+    finally:
+        shard.write_bytes(original)
+    left_behind = run_dir.exists()
+    rerun = dsl_dist(*command)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert len(Run.load(run_dir).of("epoch")) == 5
+    return FirstTry(shard, failed, left_behind, run_dir)
+
+
+@pytest.fixture(scope="module")
+def finished_run(first_try: FirstTry) -> Path:
+    return first_try.run_dir
+
+
+@pytest.mark.multiprocess
+def test_a_corrupt_shard_is_named_once_and_blocks_no_rerun(first_try: FirstTry) -> None:
+    """Rank 1 reads the last shard: it names it, rank 0 leaves without a traceback, and the
+    failed run leaves nothing that would refuse the same command once the data is fixed (the
+    rerun that `first_try` made trained every epoch)."""
+    assert refusal(first_try.failed) == (f"error: {first_try.shard}: corrupt shard (sha256 "
+                                         "differs from the manifest)")
+    assert not first_try.left_behind
+    assert len(Run.load(first_try.run_dir).of("epoch")) == 5
 
 
 @pytest.mark.multiprocess
