@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -15,16 +17,33 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def private_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """HOME for the whole suite: a temporary directory, so that the tests never write to the
-    user's home. Ray's ray.init() leaves ~/.ray/auth_token there, after which every
-    `ray start` on the machine turns token authentication on; caches go there too. The
+HOME_KEY = pytest.StashKey[tuple[Path, Optional[str]]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """HOME for the whole run: a temporary directory, so that the tests never write to the
+    user's home. Ray's ray.init() leaves ~/.ray/auth_token there, after which every `ray
+    start` on the machine turns token authentication on; matplotlib writes its font cache
+    there when a test module imports it. Set here, before the modules are collected; the
     subprocesses the tests start inherit it."""
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HOME", str(home))
-        yield home
+    home = Path(tempfile.mkdtemp(prefix="dsl-dist-tests-home-"))
+    config.stash[HOME_KEY] = (home, os.environ.get("HOME"))
+    os.environ["HOME"] = str(home)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    home, users = config.stash[HOME_KEY]
+    if users is None:
+        os.environ.pop("HOME", None)
+    else:
+        os.environ["HOME"] = users
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def private_home(pytestconfig: pytest.Config) -> Path:
+    """The run's HOME (pytest_configure)."""
+    return pytestconfig.stash[HOME_KEY][0]
 
 
 def write_clustered_dataset(directory: Path, num_users: int = 120, num_items: int = 60,
