@@ -172,7 +172,7 @@ def _run_transport(transport: str, ctx: MeteredContext, shard: Any, ray_address:
         rows.append({"seconds": seconds, "cpu_seconds": cpu_seconds,
                      "reductions": list(ctx.reductions),
                      "controller_sent": sent, "controller_received": received,
-                     "moved": record["dropped"]})
+                     "moved": record.dropped})
     return rows
 
 

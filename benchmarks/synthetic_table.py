@@ -115,9 +115,9 @@ def update_once(method: str, weights: int, dim: int, density: float, touched: fl
         return {"method": method, "weights": rows * dim, "rows": rows, "dim": dim,
                 "density": density, "touched_rows": touched, "device": str(ctx.device),
                 "backend": ctx.backend,
-                "optimizer": OPTIMIZER[ctx.device.type], "seconds": record["seconds"],
-                "active": record["active"], "budget": record["budget"],
-                "moved": record["grown"], "rss_mb_before": before,
+                "optimizer": OPTIMIZER[ctx.device.type], "seconds": record.seconds,
+                "active": record.active, "budget": record.budget,
+                "moved": record.grown, "rss_mb_before": before,
                 "allocated_mb_before": allocated, **memory}
     finally:
         shutdown_distributed()

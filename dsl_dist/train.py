@@ -200,7 +200,7 @@ class Trainer:
         peaks = self.peaks.stop()
         if update:
             release_freed_memory()
-            self.log.write("update", **update,
+            self.log.write("update", **update.as_dict(),
                            **self._per_rank({**peaks, "rss_mb_before": before}))
         return loss.detach()
 

@@ -75,7 +75,8 @@ def update_with_fixed_statistics(sharding_type: str, scope: str) -> dict:
         s.growth.copy_(uniform_hash(s.positions(), seed=99))
     record = dsl.update(step=1)
     zeros = all(bool((s.shard.weight[~s.mask] == 0).all()) for s in dsl.shards)
-    result = {"initial": initial, "after": dump_masks(dsl), "record": record, "zeros": zeros,
+    result = {"initial": initial, "after": dump_masks(dsl), "record": record.as_dict(),
+              "zeros": zeros,
               "budget": dsl.budget}
     shutdown_distributed()
     return result

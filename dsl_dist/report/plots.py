@@ -13,6 +13,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from dsl_dist.report.rows import side_of
 from dsl_dist.report.runs import Run
+from dsl_dist.sparsity.record import UpdateRecord
 
 DPI = 120
 
@@ -45,12 +46,12 @@ def sparsity_over_time(run: Run, path: Path) -> Path:
     """Above: each table's density against the step, and the budget's. Below: ζ(t), the
     fraction of active weights an update may move, and what each update dropped, grew and
     regrew."""
-    updates = run.of("update")
-    steps = [u["step"] for u in updates]
+    updates = [UpdateRecord.from_dict(u) for u in run.of("update")]
+    steps = [u.step for u in updates]
     figure = Figure(figsize=(10, 7.5))
     top, bottom = figure.subplots(2, 1, sharex=True)
-    for table in updates[0]["density"]:
-        top.plot(steps, [u["density"][table] for u in updates], marker=".", label=table)
+    for table in updates[0].density:
+        top.plot(steps, [u.density[table] for u in updates], marker=".", label=table)
     top.axhline(run.config["sparsity"]["density"], color="grey", linestyle="--",
                 label="target density (all tables)")
     top.set(title=f"{run.label}: density per table", ylabel="active / all weights")
@@ -58,12 +59,12 @@ def sparsity_over_time(run: Run, path: Path) -> Path:
     top.grid(alpha=0.3)
     for name, style in (("dropped", {"linewidth": 4, "alpha": 0.4}), ("grown", {}),
                         ("regrown", {})):  # as many grow as drop: the wide line shows both
-        bottom.plot(steps, [u[name] for u in updates], marker=".", label=name, **style)
+        bottom.plot(steps, [getattr(u, name) for u in updates], marker=".", label=name, **style)
     bottom.set(title="drop-and-grow per update", xlabel="training step",
                ylabel="weights per update")
     bottom.grid(alpha=0.3)
     zeta = bottom.twinx()
-    zeta.plot(steps, [u["fraction"] for u in updates], color="black", linestyle=":",
+    zeta.plot(steps, [u.fraction for u in updates], color="black", linestyle=":",
               label="ζ(t) (right axis)")
     zeta.set_ylabel("ζ(t): fraction of active weights moved")
     zeta.set_ylim(bottom=0)
