@@ -90,3 +90,12 @@ def compose_job(overrides: list[str]) -> JobConfig:
         return OmegaConf.to_object(compose_config(overrides))  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc)) from None
+
+
+def load_config(path: Path) -> JobConfig:
+    """A run's saved config.yaml as the typed JobConfig (ConfigError in one line)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.load(path))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: {_one_line(exc)}") from None
