@@ -182,8 +182,8 @@ def test_export_refuses_an_unknown_method_by_name(lastfm_runs: dict[str, Path],
     assert "name: dense" in config.read_text()
     other = tmp_path / "config.yaml"
     other.write_text(config.read_text().replace("name: dense", "name: unheard_of"))
-    cfg = load_config(other)
-    with pytest.raises(ExportError, match="sparsity.name='unheard_of': not a registered method"):
+    cfg = load_config(config)
+    with pytest.raises(ExportError, match="sparsity.name='unheard_of' is not a known method"):
         run_config(tmp_path, {"config": fingerprint(cfg)}, other)
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from dsl_dist.checkpoint import complete_checkpoints
-from dsl_dist.registry import SPARSITY_METHODS
+from dsl_dist.config.registry import SPARSITY_METHODS
 from dsl_dist.data.manifest import Manifest
 from dsl_dist.report.runs import Run
 

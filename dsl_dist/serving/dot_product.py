@@ -1,6 +1,6 @@
 """Serving a model whose final embeddings are its tables (MF): a user's items are scored by
 the dot product of their exported rows (the model spec's serving module, see
-dsl_dist/registry.py)."""
+dsl_dist/config/registry.py)."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -32,7 +33,7 @@ from omegaconf import OmegaConf
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dsl_dist.checkpoint import CheckpointError, complete_checkpoints, fingerprint, read_meta
-from dsl_dist.config import SPARSITY_METHODS, ConfigError, JobConfig
+from dsl_dist.config import SPARSITY_METHODS, ConfigError, JobConfig, UnstructuredConfig
 from dsl_dist.config.compose import load_config
 from dsl_dist.data.errors import DataError
 from dsl_dist.data.graph import InteractionGraph, read_graph
@@ -86,10 +87,7 @@ def run_config(checkpoint: Path, meta: dict[str, Any], config: Path) -> JobConfi
         serving_module(cfg.model.name)
     except NotServed as e:
         raise ExportError(str(e)) from None
-    if cfg.sparsity.name not in SPARSITY_METHODS:
-        raise ExportError(f"sparsity.name={cfg.sparsity.name!r}: not a registered method "
-                          f"({', '.join(SPARSITY_METHODS)}); refusing to export it")
-    if cfg.sparsity.dense_parameters:
+    if isinstance(cfg.sparsity, UnstructuredConfig) and cfg.sparsity.dense_parameters:
         raise ExportError(f"sparsity.dense_parameters={cfg.sparsity.dense_parameters!r}: "
                           f"{cfg.model.name} has no dense parameters to export")
     return cfg
@@ -166,7 +164,7 @@ def describe(cfg: JobConfig, manifest: Manifest, checkpoint: Path,
                              "embedding_dim": cfg.model.embedding_dim}
     model.update(serving_module(cfg.model.name).settings(cfg))
     return {"model": model,
-            "sparsity": {"name": cfg.sparsity.name, "density": cfg.sparsity.density},
+            "sparsity": dataclasses.asdict(cfg.sparsity),
             "data": {"name": manifest.name, "num_users": manifest.num_users,
                      "num_items": manifest.num_items,
                      "rows": {s: info.rows for s, info in manifest.splits.items()}},

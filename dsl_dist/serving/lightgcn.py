@@ -1,6 +1,6 @@
 """Serving LightGCN: its final embeddings are its exported layer-0 tables propagated over the
 training graph as the run did (the model spec's serving module, see
-dsl_dist/registry.py)."""
+dsl_dist/config/registry.py)."""
 
 from __future__ import annotations
 

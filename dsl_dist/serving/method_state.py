@@ -1,7 +1,7 @@
 """How a sparsity method's checkpoint state becomes a table's compact layout: the state-key
 adapter between the checkpoint and dsl_dist/serving/artifact.py.
 
-A method's spec (dsl_dist/registry.py) names the layout its checkpoint leaves; export
+A method's spec (dsl_dist/config/registry.py) names the layout its checkpoint leaves; export
 never branches on the method's name. Every layout is one `StateLayout`: the key under
 `sparsity.{table}.` that marks it, the keys it reads and how to encode the table from them.
 `mask` (dsl, and any method that keeps a weight mask) leaves `sparsity.{table}.mask`;

@@ -1,4 +1,4 @@
-"""Which serving module scores a model: the one its spec names (dsl_dist/registry.py),
+"""Which serving module scores a model: the one its spec names (dsl_dist/config/registry.py),
 or a refusal naming the model and why it is not served."""
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharding_spec import ShardMetadata
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 
-from dsl_dist.config import ConfigError, SparsityConfig
+from dsl_dist.config import ConfigError, DSLConfig, UnstructuredConfig
 from dsl_dist.distributed import DistContext
 from dsl_dist.model.shards import DenseBlock, WeightBlock, dense_blocks, local_table_shards
 from dsl_dist.sparsity.base import Controller, SparsityMethod, SparsitySetup
@@ -53,7 +53,7 @@ def table_shapes(tables: list[BaseEmbeddingConfig],
     return dict(sorted(shapes.items()))
 
 
-def sparsified_tables(cfg: SparsityConfig, tables: list[BaseEmbeddingConfig],
+def sparsified_tables(cfg: UnstructuredConfig, tables: list[BaseEmbeddingConfig],
                       dense: Sequence[DenseBlock]) -> list[str]:
     """The tables `sparsity.tables` names (all if empty; one the model lacks is refused) and
     the dense blocks, in name order."""
@@ -82,7 +82,7 @@ class DynamicSparseTraining(SparsityMethod):
     the tables ranked in `groups`, positioned among all tables in `shapes`; `controller`
     plans the updates."""
 
-    def __init__(self, cfg: SparsityConfig, blocks: Sequence[WeightBlock],
+    def __init__(self, cfg: DSLConfig, blocks: Sequence[WeightBlock],
                  shapes: dict[str, tuple[int, int]], groups: list[Group], ctx: DistContext,
                  seed: int, controller: Controller) -> None:
         sizes = {name: rows * cols for name, (rows, cols) in shapes.items()}

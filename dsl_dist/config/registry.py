@@ -1,9 +1,9 @@
 """What each name a job's config may choose brings: the models (`model.name`) and the
-sparse-training methods (`sparsity.name`).
+sparse-training methods (`sparsity=<name>`).
 
-The config validates names against these tables before any process group starts. A method's
-spec names the module that builds it and how its checkpoint state exports (a layout of
-dsl_dist/serving/method_state.py). A model's spec names the module that
+A method's spec names the module that builds it, its config schema (the `sparsity` section
+it carries, registered as the schema of the Hydra group option of its name) and how its
+checkpoint state exports (a layout of dsl_dist/serving/method_state.py). A model's spec names the module that
 builds it and how serving scores it: a module of dsl_dist/serving, or why it is not served.
 Importing a model or method module costs the seconds torchrec takes to import, so specs hold
 module paths, imported on use. A new model or method is one module plus one line here.
@@ -28,10 +28,13 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Mapping, Optional, Union
 
+from dsl_dist.config.sparsity import BlockDSLConfig, DSLConfig, SparsityConfig
+
 
 @dataclass(frozen=True)
 class MethodSpec:
     module: str
+    schema: type[SparsityConfig]
     export_layout: str
     """How export reads a table's state: dense (the table as trained), mask or blocks."""
 
@@ -54,9 +57,9 @@ MODELS: dict[str, ModelSpec] = {
         "implement")),
 }
 SPARSITY_METHODS: dict[str, MethodSpec] = {
-    "dense": MethodSpec("dsl_dist.sparsity.dense", "dense"),
-    "dsl": MethodSpec("dsl_dist.sparsity.unstructured.dsl", "mask"),
-    "block_dsl": MethodSpec("dsl_dist.sparsity.block.dsl", "blocks"),
+    "dense": MethodSpec("dsl_dist.sparsity.dense", SparsityConfig, "dense"),
+    "dsl": MethodSpec("dsl_dist.sparsity.unstructured.dsl", DSLConfig, "mask"),
+    "block_dsl": MethodSpec("dsl_dist.sparsity.block.dsl", BlockDSLConfig, "blocks"),
 }
 
 
@@ -64,3 +67,9 @@ def load(table: Mapping[str, Union[ModelSpec, MethodSpec]], name: str) -> Module
     """The module `table` registers under `name` (names are validated by the config)."""
     return importlib.import_module(table[name].module)
 
+
+
+def sparsity_config(name: str, **settings: object) -> SparsityConfig:
+    """Method `name`'s config section with `settings` (the rest at their defaults), as
+    `sparsity=<name>` composes it."""
+    return SPARSITY_METHODS[name].schema(name=name, **settings)  # type: ignore[arg-type]
