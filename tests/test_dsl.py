@@ -19,7 +19,7 @@ NUM_USERS, NUM_ITEMS, DIM = 30, 50, 8
 
 def build(sharding_type: str, optimizer: str = "rowwise_adagrad", scope: str = "global",
           **sparsity: object):
-    from dsl_dist.config import ModelConfig, SparsityConfig, TrainConfig
+    from dsl_dist.config import DSLConfig, ModelConfig, TrainConfig
     from dsl_dist.control.controller import SparsityController
     from dsl_dist.distributed import init_distributed
     from dsl_dist.model.mf import MatrixFactorization
@@ -35,8 +35,7 @@ def build(sharding_type: str, optimizer: str = "rowwise_adagrad", scope: str = "
     model = shard_model(module, ModelConfig(sharding_type=sharding_type, embedding_dim=DIM),
                         TrainConfig(optimizer=optimizer, lr=0.1), ctx)
     init_normal_(local_table_shards(model), 0.1, 0)
-    cfg = SparsityConfig(**{"name": "dsl", "density": 0.3, "delta_t": 1, "scope": scope,
-                            **sparsity})
+    cfg = DSLConfig(**{"density": 0.3, "delta_t": 1, "scope": scope, **sparsity})
     schedule = UpdateSchedule.of(cfg, total_steps=10)
     dsl = build_dsl(SparsitySetup(cfg, 0, 0.1, model, tables, ctx, 10, None,
                                   connect=lambda budgets, unit: SparsityController(schedule,

@@ -9,7 +9,7 @@ from typing import Optional
 from omegaconf import MISSING
 
 from dsl_dist.config.checks import require
-from dsl_dist.registry import MODELS
+from dsl_dist.config.registry import MODELS
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")
 OPTIMIZERS = ("rowwise_adagrad", "adagrad", "adam", "sgd")

@@ -3,8 +3,7 @@
 The loop calls the same hooks on every method around every step; a method keeps its own state,
 runs its own updates and registers with the checkpoint store what a checkpoint must keep.
 Dense training is the method whose hooks do nothing; the sparse methods are drop-and-grow
-(engine.py). `sparsity.name` picks the method from
-`dsl_dist/registry.py`.
+(engine.py). `sparsity=<name>` picks the method from `dsl_dist/config/registry.py`.
 
 Methods never talk to the controller's transport: the job's controller (budget, schedule,
 plan, history; `dsl_dist/control`) is built outside, by `SparsitySetup.connect`, and reaches

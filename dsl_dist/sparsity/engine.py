@@ -23,7 +23,7 @@ import torch
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharding_spec import ShardMetadata
 
-from dsl_dist.config import SparsityConfig
+from dsl_dist.config import DropAndGrowConfig, GradientGrowthConfig
 from dsl_dist.distributed import DistContext
 from dsl_dist.sparsity.base import Controller, SparsityMethod
 from dsl_dist.sparsity.budget import Group
@@ -47,7 +47,7 @@ class DropAndGrow(SparsityMethod):
     """Drop-and-grow of `unit`-weight units over this rank's `shards` of the tables ranked in
     `groups` (`table_units`: each sparsified table's units); `controller` plans the updates."""
 
-    def __init__(self, cfg: SparsityConfig, shards: Sequence[Any], groups: list[Group],
+    def __init__(self, cfg: DropAndGrowConfig, shards: Sequence[Any], groups: list[Group],
                  table_units: dict[str, int], unit: int, ctx: DistContext, seed: int,
                  controller: Controller) -> None:
         self.cfg, self.shards, self.groups, self.table_units = cfg, shards, groups, table_units
@@ -94,10 +94,13 @@ class DropAndGrow(SparsityMethod):
         raise NotImplementedError
 
     def needs_gradients(self, step: int) -> bool:
-        """Whether step `step` records gradients: an accumulated statistic's every
-        `growth_every`-th step, and every update step (the last batch's)."""
-        return ((self.cfg.growth == "accumulated" and step % self.cfg.growth_every == 0)
-                or self.controller.schedule.is_update_step(step))
+        """Whether step `step` records gradients: for a method that grows by gradient, an
+        accumulated statistic's every `growth_every`-th step and every update step (the last
+        batch's); never for the others."""
+        cfg = self.cfg
+        return isinstance(cfg, GradientGrowthConfig) and (
+            (cfg.growth == "accumulated" and step % cfg.growth_every == 0)
+            or self.controller.schedule.is_update_step(step))
 
     def after_step(self, step: int) -> None:
         """What every step needs after the optimizer's updates (nothing here)."""

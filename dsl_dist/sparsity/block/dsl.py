@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from dsl_dist.config import ConfigError, SparsityConfig
+from dsl_dist.config import BlockDSLConfig, ConfigError
 from dsl_dist.distributed import DistContext
 from dsl_dist.model.shards import initial_rows, local_table_shards
 from dsl_dist.model.torchrec_internals import embedding_kernels
@@ -42,11 +42,8 @@ from dsl_dist.sparsity.selection.exact import Part, local_counts, select_across,
 from dsl_dist.sparsity.selection.hashing import uniform_hash
 
 
-def transform_model(cfg: SparsityConfig, model: nn.Module) -> nn.Module:
+def transform_model(cfg: BlockDSLConfig, model: nn.Module) -> nn.Module:
     """The plain model with its sparsified tables (all, or `sparsity.tables`) as block pools."""
-    if cfg.dense_parameters:
-        raise ConfigError(f"sparsity.dense_parameters={list(cfg.dense_parameters)!r}: "
-                          "block_dsl sparsifies embedding tables only")
     tables = {t.name: t for m in model.modules() if hasattr(m, "embedding_bag_configs")
               for t in m.embedding_bag_configs()}
     names = set(cfg.tables) or set(tables)
@@ -85,7 +82,7 @@ def build(setup: SparsitySetup) -> BlockDSL:
 class BlockDSL(DropAndGrow):
     """Drop-and-grow of whole blocks over this rank's pool shards (see the module docstring)."""
 
-    def __init__(self, cfg: SparsityConfig, shards: list[PoolShard],
+    def __init__(self, cfg: BlockDSLConfig, shards: list[PoolShard],
                  geometries: dict[str, PoolGeometry], groups: list[Group],
                  ctx: DistContext, seed: int, init_std: float, controller: Controller,
                  hooks: PoolKernelHooks) -> None:

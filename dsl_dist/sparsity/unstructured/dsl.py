@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from dsl_dist.config import DSLConfig
 from dsl_dist.sparsity.base import SparsitySetup
 from dsl_dist.sparsity.unstructured.masks import MaskedShard
 from dsl_dist.sparsity.unstructured.weights import WeightDropAndGrow, build_weight_method
@@ -15,9 +16,13 @@ from dsl_dist.sparsity.unstructured.weights import WeightDropAndGrow, build_weig
 class DynamicSparseTraining(WeightDropAndGrow):
     """DSL's grow scores over weight masks (its drop is the magnitude drop)."""
 
+    @staticmethod
+    def statistic_dtype(cfg: DSLConfig) -> torch.dtype:  # type: ignore[override]
+        return getattr(torch, cfg.growth_dtype)
+
     @property
     def grow_score_bits(self) -> int:
-        return 8 * getattr(torch, self.cfg.growth_dtype).itemsize
+        return 8 * self.statistic_dtype(self.cfg).itemsize
 
     def grow_entries(self, s: MaskedShard, rows: slice, dropped: torch.Tensor, step: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:

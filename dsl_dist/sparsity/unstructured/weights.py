@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import torch
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 
-from dsl_dist.config import ConfigError, SparsityConfig
+from dsl_dist.config import ConfigError, UnstructuredConfig
 from dsl_dist.distributed import DistContext
 from dsl_dist.model.shards import DenseBlock, WeightBlock, dense_blocks, local_table_shards
 from dsl_dist.sparsity.base import Controller, SparsitySetup
@@ -47,7 +47,7 @@ def table_shapes(tables: list[BaseEmbeddingConfig],
     return dict(sorted(shapes.items()))
 
 
-def sparsified_tables(cfg: SparsityConfig, tables: list[BaseEmbeddingConfig],
+def sparsified_tables(cfg: UnstructuredConfig, tables: list[BaseEmbeddingConfig],
                       dense: Sequence[DenseBlock]) -> list[str]:
     """The tables `sparsity.tables` names (all if empty; one the model lacks is refused) and
     the dense blocks, in name order."""
@@ -79,14 +79,19 @@ class WeightDropAndGrow(DropAndGrow):
     grow_score_bits = 32
     """Bits of the grow scores' dtype (exact selection histograms them)."""
 
-    def __init__(self, cfg: SparsityConfig, blocks: Sequence[WeightBlock],
+    @staticmethod
+    def statistic_dtype(cfg: UnstructuredConfig) -> torch.dtype:
+        """The dtype of the shards' growth statistic (unused by a method that reads no
+        gradient)."""
+        return torch.bfloat16
+
+    def __init__(self, cfg: UnstructuredConfig, blocks: Sequence[WeightBlock],
                  shapes: dict[str, tuple[int, int]], groups: list[Group], ctx: DistContext,
                  seed: int, controller: Controller) -> None:
         sizes = {name: rows * cols for name, (rows, cols) in shapes.items()}
         bases = position_bases(sizes)
         names = sorted(n for g in groups for n in g.tables)
-        shards = [MaskedShard(b, bases[b.table], getattr(torch, cfg.growth_dtype))
-                  for b in blocks]
+        shards = [MaskedShard(b, bases[b.table], self.statistic_dtype(cfg)) for b in blocks]
         super().__init__(cfg, shards, groups, {n: sizes[n] for n in names}, 1, ctx, seed,
                          controller)
         self.table_shapes = {n: shapes[n] for n in names}
