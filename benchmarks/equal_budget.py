@@ -36,6 +36,8 @@ from typing import Any
 from reproduce import job_config, parameter_counts
 from train_benchmark import RESULTS, run_benchmark
 
+from dsl_dist.config import DropAndGrowConfig, UnstructuredConfig
+
 RUNS = RESULTS / "equal_budget"
 VALID_FRACTION = 0.1
 DATA = {"gowalla": [f"data.path=data/gowalla-valid{int(VALID_FRACTION * 100)}",
@@ -89,10 +91,11 @@ def active_params(result: dict[str, Any]) -> tuple[int, int]:
     exact budget holds)."""
     cfg = job_config(result["overrides"])
     shapes, sparsity = parameter_counts(cfg), cfg.sparsity
-    density = result["final_density"] or ({} if sparsity.name == "dense" else {
+    patterns = sparsity.dense_parameters if isinstance(sparsity, UnstructuredConfig) else []
+    density = result["final_density"] or ({} if not isinstance(sparsity, DropAndGrowConfig) else {
         name: sparsity.density for name in shapes  # tables' names have no dot, layers' do
         if ("." not in name and name in (sparsity.tables or [name]))
-        or any(fnmatch.fnmatchcase(name, p) for p in sparsity.dense_parameters)})
+        or any(fnmatch.fnmatchcase(name, p) for p in patterns)})
     return cfg.model.embedding_dim, round(sum(rows * cols * density.get(name, 1.0)
                                               for name, (rows, cols) in shapes.items()))
 
