@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Mapping, Optional, Union
 
-from dsl_dist.config.sparsity import BlockDSLConfig, DSLConfig, SparsityConfig
+from dsl_dist.config.sparsity import BlockDSLConfig, DSLConfig, SETConfig, SparsityConfig
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ SPARSITY_METHODS: dict[str, MethodSpec] = {
     "dense": MethodSpec("dsl_dist.sparsity.dense", SparsityConfig, "dense"),
     "dsl": MethodSpec("dsl_dist.sparsity.unstructured.dsl", DSLConfig, "mask"),
     "block_dsl": MethodSpec("dsl_dist.sparsity.block.dsl", BlockDSLConfig, "blocks"),
+    "set": MethodSpec("dsl_dist.sparsity.unstructured.set", SETConfig, "mask"),
 }
 
 

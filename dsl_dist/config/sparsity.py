@@ -152,6 +152,14 @@ class DSLConfig(UnstructuredConfig, GradientGrowthConfig):
 
 
 @dataclass
+class SETConfig(UnstructuredConfig):
+    """set: SET (Mocanu et al. 2018) over single weights, magnitude drop and random growth
+    (dsl_dist/sparsity/unstructured/set.py): no growth statistic to configure."""
+
+    name: str = "set"
+
+
+@dataclass
 class BlockDSLConfig(GradientGrowthConfig):
     """block_dsl: DSL over blocks of rows, stored compactly (dsl_dist/sparsity/block/dsl.py)."""
 
