@@ -16,8 +16,8 @@ embedding width, 64 in full, 16 and 12 neighbouring density 0.2's budget, 8 and 
 0.1's; for NeuMF the width of the MLP path's tables, the ones DSL masks, 16 in full; for
 Mult-VAE the hidden width, 600 in full) or `METHOD:DENSITY` with METHOD `dsl` (unstructured),
 `block_dsl` (structured) or `set` (SET: DSL's magnitude drop, but growth at random, the
-control for "does gradient growth matter?") on the full model, with the DSL settings of
-`configs/experiment/<model>_<data>.yaml`; a third part names a lever (`block_dsl:0.2:static`,
+control for "does gradient growth matter?") on the full model, with the settings the
+experiment tuned for the method (`configs/tuned/<model>_<data>_<method>.yaml`); a third part names a lever (`block_dsl:0.2:static`,
 see LEVERS), reported as an ablation row with its `variant`, never chosen over the plain
 settings (the dense models get no such extra tuning). A row's params are the model's
 weights (every table and dense layer, sparsified ones at their final density). Each run writes
