@@ -5,9 +5,10 @@ final metrics of each run.
     python benchmarks/behaviour_digest.py OUT.json [--runs dsl-mf-row ...] [--epochs 2]
                                           [--source DIR]
 
-Each run is lastfm with the settings of configs/experiment/<model>_lastfm.yaml, cut to
-`--epochs` epochs with an update every 10 steps, on real ranks under torchrun; equal files mean
-the same masks after every update and the same metrics (`seconds` and memory figures are left
+Each run is lastfm with the settings of configs/experiment/<model>_lastfm.yaml and
+configs/tuned/<model>_lastfm_<method>.yaml, cut to `--epochs` epochs with an update every 10
+steps, on real ranks under torchrun; equal files mean the same masks after every update and
+the same metrics (`seconds` and memory figures are left
 out: they are timings).
 """
 
