@@ -56,7 +56,7 @@ class Catalogue(nn.Module):
             device=torch.device("meta"))
 
 
-def _randomise_growth(sparsity: SparsityMethod, touched: float = 1.0) -> None:
+def randomise_growth(sparsity: SparsityMethod, touched: float = 1.0) -> None:
     """Distinct growth statistics, as training leaves them (the method's own tensors: dsl's
     per weight, block_dsl's per row), drawn where they live, on a `touched` fraction of the
     rows and zero elsewhere (rows no step looked up in the window: in training most of them,
@@ -73,10 +73,11 @@ def _randomise_growth(sparsity: SparsityMethod, touched: float = 1.0) -> None:
                     stat[untouched] = 0
 
 
-def build(method: str, ctx: DistContext, rows: int, dim: int, density: float
-          ) -> SparsityMethod:
-    """The sparsity method of a sharded catalogue, set up as the Trainer sets it up."""
-    cfg = SparsityConfig(name=method, density=density, delta_t=1)
+def build(method: str, ctx: DistContext, rows: int, dim: int, density: float,
+          **settings: Any) -> SparsityMethod:
+    """The sparsity method of a sharded catalogue, set up as the Trainer sets it up;
+    `settings`: more SparsityConfig fields."""
+    cfg = SparsityConfig(name=method, density=density, delta_t=1, **settings)
     module: nn.Module = Catalogue(rows, dim)
     sparse = load(SPARSITY_METHODS, method)
     if hasattr(sparse, "transform_model"):
@@ -101,7 +102,7 @@ def update_once(method: str, weights: int, dim: int, density: float, touched: fl
     try:
         rows = math.ceil(weights / dim)
         sparsity = build(method, ctx, rows, dim, density)
-        _randomise_growth(sparsity, touched)
+        randomise_growth(sparsity, touched)
         release_freed_memory()  # as the trainer does after the initial masks
         before = rss_mb()
         allocated = None  # on CUDA: what the update's extra memory is counted over

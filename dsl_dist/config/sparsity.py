@@ -89,8 +89,9 @@ class SparsityConfig:
     update_memory_mb: int = 64
     """dsl: the working memory of an update's passes over the shards, per rank: each pass
     holds the temporaries of about this many MiB of weights' worth of chunk at a time, and a
-    selection holds its candidates tied at the threshold (8 or 16 bytes each) when they fit
-    in it, instead of streaming over them again."""
+    selection holds its candidates tied at the threshold (16 or 32 bytes each, temporaries
+    included) when they fit in it, instead of streaming over them again. Beyond it an
+    update holds its choices, a few bits a weight (see tests/test_update_memory.py)."""
     block: BlockConfig = field(default_factory=BlockConfig)
 
     def validate(self, max_steps: Optional[int] = None) -> None:

@@ -122,14 +122,15 @@ class Selection:
     """The tie keys' width (position_bits), for chunks that compute them in place."""
     held: dict[int, torch.Tensor] = field(default_factory=dict, compare=False)
     """The choices already made by the pass that broke the ties, by chunk offset: valid for
-    the chunks of the source the selection was made over."""
+    the chunks of the source the selection was made over, and handed over once (`chosen`
+    forgets each as it returns it, so that they and the caller's copy are not both held)."""
 
     def chosen(self, chunk: Chunk, tie_keys: Callable[[torch.Tensor], torch.Tensor]
                ) -> torch.Tensor:
         """Which entries of `chunk` are chosen, packed like its candidates (no bit outside
         them)."""
         if chunk.offset in self.held:
-            return self.held[chunk.offset]
+            return self.held.pop(chunk.offset)
         shape, device = _packed_shape(chunk), chunk.scores.device
         if self.none or self.every:
             if self.every and chunk.candidates is not None:
@@ -257,12 +258,12 @@ def _score_histogram(source: Candidates, shift: int, prefix: int, first: bool
 def _break_ties(source: Candidates, key: int, largest: bool, tied: int, needed: int,
                 reduce_counts: CountReducer, position_bits: int, tie_memory: int) -> Selection:
     """The selection that takes, of the `tied` candidates at `key` (all ranks), the `needed`
-    of smallest tie key. When the tied fit in `tie_memory` bytes (8 a candidate: int32 index
-    in its chunk and tie key, while tie keys have at most 31 bits; else 16), their pass keeps
-    them and every chunk's choice (`Selection.held`); otherwise it streams over their tie
-    keys."""
+    of smallest tie key. When the tied fit in `tie_memory` bytes (16 a candidate: its int32
+    index in its chunk and tie key, their concatenation and the radix rounds' temporaries
+    over them, while tie keys have at most 31 bits; else 32), their pass keeps them and every
+    chunk's choice (`Selection.held`); otherwise it streams over their tie keys."""
     narrow_keys = position_bits <= 31
-    if tied * (8 if narrow_keys else 16) <= tie_memory:
+    if tied * (16 if narrow_keys else 32) <= tie_memory:
         parts = []  # per chunk: offset, columns, choice, tied (index, tie key); no scores
         for chunk in source.chunks():
             packed, index = _split(chunk, key, largest, False)
