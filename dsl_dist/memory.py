@@ -147,8 +147,9 @@ def tensor_peak() -> Iterator[TensorPeak]:
                                            if torch.cuda.is_available() else [])
     with profile(activities=activities, profile_memory=True) as profiler:
         yield found
+    # only memory events have a size (some others' names do not even decode)
     events = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
+                    if e.nbytes())
     for _, change in events:
         found.left += change
         found.peak = max(found.peak, found.left)

@@ -91,7 +91,7 @@ class SparsityConfig:
     holds the temporaries of about this many MiB of weights' worth of chunk at a time, and a
     selection holds its candidates tied at the threshold (16 or 32 bytes each, temporaries
     included) when they fit in it, instead of streaming over them again. Beyond it an
-    update holds its choices, a few bits a weight (see tests/test_update_memory.py)."""
+    update holds its choices, a few bits a weight (see tests/test_device_memory.py)."""
     block: BlockConfig = field(default_factory=BlockConfig)
 
     def validate(self, max_steps: Optional[int] = None) -> None:
