@@ -15,8 +15,7 @@ from typing import Any
 import torch
 
 from dsl_dist.distributed import init_distributed, shutdown_distributed
-from dsl_dist.memory import tensor_bytes, tensor_peak
-from dsl_dist.model.shards import local_table_shards
+from dsl_dist.memory import tensor_peak
 from dsl_dist.sparsity.selection.fastops import device_path
 from synthetic_table import build, randomise_growth
 
