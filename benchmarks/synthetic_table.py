@@ -74,8 +74,8 @@ def randomise_growth(sparsity: SparsityMethod, touched: float = 1.0) -> None:
 
 
 def build(method: str, ctx: DistContext, rows: int, dim: int, density: float,
-          **settings: Any) -> SparsityMethod:
-    """The sparsity method of a sharded catalogue, set up as the Trainer sets it up;
+          **settings: Any) -> tuple[nn.Module, SparsityMethod]:
+    """A sharded catalogue and its sparsity method, set up as the Trainer sets them up;
     `settings`: more SparsityConfig fields."""
     cfg = SparsityConfig(name=method, density=density, delta_t=1, **settings)
     module: nn.Module = Catalogue(rows, dim)
@@ -87,7 +87,7 @@ def build(method: str, ctx: DistContext, rows: int, dim: int, density: float,
     model = shard_model(module, ModelConfig(embedding_dim=dim), train, ctx)
     init_normal_(local_table_shards(model), INIT_STD, SEED)
     schedule = UpdateSchedule.of(cfg, total_steps=2)
-    return sparse.build(SparsitySetup(
+    return model, sparse.build(SparsitySetup(
         cfg, SEED, INIT_STD, model, tables, ctx, 2, None,
         connect=lambda budgets, unit: connect_controller(ControlConfig(controller="collective"),
                                                          ctx, schedule, budgets, unit)))
@@ -101,7 +101,7 @@ def update_once(method: str, weights: int, dim: int, density: float, touched: fl
     ctx = init_distributed("auto")
     try:
         rows = math.ceil(weights / dim)
-        sparsity = build(method, ctx, rows, dim, density)
+        _, sparsity = build(method, ctx, rows, dim, density)
         randomise_growth(sparsity, touched)
         release_freed_memory()  # as the trainer does after the initial masks
         before = rss_mb()

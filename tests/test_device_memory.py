@@ -16,6 +16,7 @@ import torch
 
 from dsl_dist.distributed import init_distributed, shutdown_distributed
 from dsl_dist.memory import tensor_peak
+from dsl_dist.sparsity.selection.exact import BINS
 from dsl_dist.sparsity.selection.fastops import device_path
 from synthetic_table import build, randomise_growth
 
@@ -25,6 +26,8 @@ WEIGHTS = ROWS * DIM
 BUDGET_MB = 1
 PACKED_MASKS = 3
 HISTOGRAMS_MB = 2
+RETAINED = (BINS + 2) * 8
+"""The last counts a selection all-reduced, which the process group may keep (a histogram)."""
 ADAM_BYTES = 12
 """Bytes a weight of a dense table with Adam (the GPU's optimizer): the GPU targets'
 denominator (dsl <= 1.3x dense, block_dsl <= 0.5x dense)."""
@@ -36,7 +39,7 @@ def update_on_the_device_path(update_memory_mb: int) -> dict[str, Any]:
     ctx = init_distributed("gloo")
     try:
         with device_path():
-            dsl = build("dsl", ctx, ROWS, DIM, 0.2, update_memory_mb=update_memory_mb)
+            _, dsl = build("dsl", ctx, ROWS, DIM, 0.2, update_memory_mb=update_memory_mb)
             randomise_growth(dsl, touched=0.1)
             with tensor_peak() as found:
                 record = dsl.update(1)
@@ -67,12 +70,12 @@ def kept_on_the_device(method: str) -> tuple[int, int]:
     ctx = init_distributed("gloo")
     try:
         with device_path():
+            gc.collect()  # nothing of an earlier build left to be freed within this count
             with tensor_peak() as found:
-                sparsity = build(method, ctx, ROWS, DIM, 0.2)
-        state = sparsity.memory_bytes()
-        del sparsity
-        gc.collect()  # nothing of this build left to be freed within the next one's count
-        return found.left, state
+                model, sparsity = build(method, ctx, ROWS, DIM, 0.2)
+                gc.collect()  # what only reference cycles hold is not kept
+        del model
+        return found.left, sparsity.memory_bytes()
     finally:
         shutdown_distributed()
 
@@ -85,6 +88,6 @@ def test_what_a_method_keeps_beyond_the_tables_is_its_declared_state() -> None:
     dsl, dsl_state = kept_on_the_device("dsl")
     block, block_state = kept_on_the_device("block_dsl")
     assert dense >= 4 * WEIGHTS  # the float32 table is counted
-    assert abs(dsl - dense - dsl_state) <= 1 << 16, (dsl, dense, dsl_state)
+    assert 0 <= dsl - dense - dsl_state <= RETAINED, (dsl, dense, dsl_state)
     assert dsl_state <= 0.3 * ADAM_BYTES * WEIGHTS
-    assert block_state < block <= 0.5 * dense, (block, dense)
+    assert block_state < block <= 0.5 * dense + RETAINED, (block, dense)
