@@ -68,9 +68,21 @@ class Candidates(Protocol):
         ...
 
 
-def unsigned_keys(scores: torch.Tensor) -> torch.Tensor:
-    """int64 keys in [0, 2**32) in the order of the scores (-0.0 and +0.0 alike)."""
-    return _order_keys(scores.float()).to(torch.int64) + (1 << (SCORE_BITS - 1))
+_TOP_BIT = 1 << (SCORE_BITS - 1)
+
+
+def signed_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int32 keys in the order of the scores (-0.0 and +0.0 alike; exact.py's `_order_keys`,
+    possibly a view of the scores): a score's key in the radix rounds and chunk_kernels, in
+    [0, 2**32), is its signed key + 2**31. Half the bytes of int64 keys on the torch path."""
+    return _order_keys(scores.float())
+
+
+def _key_digits(keys: torch.Tensor, shift: int) -> torch.Tensor:
+    """Bits [shift, shift + 16) of the unsigned keys of signed `keys`: the same bits of the
+    signed ones, the top bit flipped in the top digit."""
+    digits = (keys >> shift).bitwise_and_(BINS - 1)
+    return digits.bitwise_xor_(BINS >> 1) if shift + DIGIT_BITS == SCORE_BITS else digits
 
 
 def _fused(chunk: Chunk) -> bool:
@@ -163,9 +175,9 @@ def _split(chunk: Chunk, key: int, largest: bool, take_ties: bool
                                      packed, tied, -1, 0, 0, 0)
         return torch.from_numpy(packed), torch.from_numpy(tied[:count])
     scores, candidates = _flat(chunk)
-    keys = unsigned_keys(scores)
-    chosen = keys > key if largest else keys < key
-    at = keys == key
+    keys, signed_key = signed_keys(scores), key - _TOP_BIT
+    chosen = keys > signed_key if largest else keys < signed_key
+    at = keys == signed_key
     if candidates is not None:
         chosen &= candidates
         at &= candidates
@@ -239,16 +251,16 @@ def _score_histogram(source: Candidates, shift: int, prefix: int, first: bool
             count, nans = count + counted, nans + nan
             continue
         scores, keep = _flat(chunk)
-        keys = unsigned_keys(scores)
+        keys = signed_keys(scores)
         if first:
             count += scores.numel() if keep is None else int(torch.count_nonzero(keep))
             if bool(scores.sum().isnan()):
                 nan = torch.isnan(scores)
                 nans += int(torch.count_nonzero(nan if keep is None else nan & keep))
         else:
-            at_prefix = (keys >> (shift + DIGIT_BITS)) == prefix
+            at_prefix = _key_digits(keys, shift + DIGIT_BITS) == prefix
             keep = at_prefix if keep is None else keep & at_prefix
-        digits = (keys >> shift) & (BINS - 1)
+        digits = _key_digits(keys, shift)
         if keep is not None:
             digits = compress(digits, keep)
         histogram = histogram.to(digits.device) + torch.bincount(digits, minlength=BINS)

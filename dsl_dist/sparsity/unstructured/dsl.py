@@ -37,10 +37,10 @@ from dsl_dist.sparsity.unstructured.candidates import ShardCandidates
 from dsl_dist.sparsity.unstructured.growth import GrowthRecorder
 from dsl_dist.sparsity.unstructured.masks import MaskedShard
 
-_BYTES_PER_ENTRY = 64
-"""Budget per weight of a chunk: the torch path's temporaries of a pass (keys, scores, masks,
-positions: at most 32 bytes) twice over, since the tie pass also holds its tied candidates,
-in the other half of the budget."""
+_BYTES_PER_ENTRY = 40
+"""Budget per weight of a chunk: the torch path's temporaries of a pass (scores, int32 keys,
+masks: at most 20 bytes) twice over, since the tie pass also holds its tied candidates, in
+the other half of the budget."""
 
 if TYPE_CHECKING:
     from dsl_dist.checkpoint import CheckpointStore
