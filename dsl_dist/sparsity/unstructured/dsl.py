@@ -226,7 +226,6 @@ class DynamicSparseTraining(SparsityMethod):
                 drop, grow = dropped[id(s)], grown[id(s)]
                 regrown = torch.bitwise_or(s.dropped_bits, drop).bitwise_and_(grow)
                 moved += torch.tensor([popcount(drop), popcount(grow), popcount(regrown)])
-                del regrown
                 s.dropped_bits |= drop
                 new = drop.bitwise_not_().bitwise_and_(old).bitwise_or_(grow)  # in drop's place
             else:
