@@ -2,17 +2,21 @@
 
     python benchmarks/memory.py                       # both data sets, every run
     python benchmarks/memory.py --data synthetic --runs dsl:0.2 block_dsl:0.2
+    python benchmarks/memory.py --device cuda         # on the GPU(s)
 
-Each run is a 2-rank torchrun job (row-wise sharding, so both ranks hold half of every table)
-whose metrics.jsonl carries what the figures need: the `memory` line (bytes of table weights,
-optimizer state and sparsity state counted from the tensors, summed over the ranks, and each
-rank's RSS after imports, before the model is built), and the peak RSS of every epoch, update and
-evaluation. Writes, from one set of runs:
+Each run is a 2-rank torchrun job (row-wise sharding, so both ranks hold half of every table;
+with --device cuda one rank a GPU, at most 2) whose metrics.jsonl carries what the figures
+need: the `memory` line (bytes of table weights, optimizer state and sparsity state counted
+from the tensors, summed over the ranks, and each rank's RSS after imports, before the model
+is built), and the peak RSS of every epoch, update and evaluation (and on CUDA the peak of
+torch.cuda.max_memory_allocated, reset at each, so each run's own: `peak_cuda_mb`, per rank).
+Writes, from one set of runs (named with _cuda after --device cuda and _steps<N> after
+--max-steps N, e.g. memory_gowalla_cuda.json):
 
 - benchmarks/results/memory_<data>.json: {"runs": [{"method", "density", "table_bytes",
   "optimizer_bytes", "sparsity_bytes", "peak_rss_mb", "baseline_rss_mb",
-  "samples_per_s_between_updates", "update_seconds_mean"}, ...]} (the budget-sized-models
-  issue);
+  "samples_per_s_between_updates", "update_seconds_mean", "device", and on CUDA
+  "peak_cuda_mb"}, ...]} (the budget-sized-models issue; gpu_steps.memory_runs reads it);
 - benchmarks/results/scale_synthetic.json: {"runs": [{"method", "density", "weights_per_rank",
   "update_seconds_mean", "peak_rss_mb_train", "peak_rss_mb_update", "peak_rss_mb_eval",
   "samples_per_s_between_updates", "update_extra_rss_mb", "table_mb_per_rank"}, ...]} (the
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -75,18 +80,32 @@ def synthetic_dataset(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def run(name: str, data: str, method: str, density: float, prepared: Optional[Path]) -> Path:
-    """One 2-rank job; `prepared`: the data set's directory, else the data config's own."""
-    run_dir = REPO / "runs" / f"memory-{data}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    overrides = [*DATA[data], *COMMON, f"sparsity={method}", f"run_dir={run_dir}"]
+def ranks(device: str) -> int:
+    """2 on CPU; on CUDA one a GPU, at most 2 (refused in one line where there is none)."""
+    if device == "cpu":
+        return 2
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("memory.py --device cuda: torch sees no CUDA device")
+    return min(2, torch.cuda.device_count())
+
+
+def run(name: str, data: str, method: str, density: float, prepared: Optional[Path],
+        device: str, extra: list[str]) -> Path:
+    """One job on `device`; `prepared`: the data set's directory, else the data config's
+    own; `extra`: more overrides."""
+    run_dir = REPO / "runs" / f"memory-{data}-{device}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    overrides = [*DATA[data], *COMMON, *extra, f"sparsity={method}", f"run_dir={run_dir}"]
     if prepared is not None:
         overrides += [f"data.path={prepared}", f"data.source={prepared}"]
     if method != "dense":
         overrides.append(f"sparsity.density={density}")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", "-m", "dsl_dist.train", *overrides]
+               "--nproc_per_node", str(ranks(device)), "-m", "dsl_dist.train", *overrides]
     print(" ".join(command), flush=True)
-    subprocess.run(command, cwd=REPO, check=True)
+    hidden = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}  # CPU: even on a GPU box
+    subprocess.run(command, cwd=REPO, check=True, env={**os.environ, **hidden})
     return run_dir
 
 
@@ -99,22 +118,30 @@ def figures(run_dir: Path) -> dict:
     update_seconds = sum(e["seconds"] for e in of["update"])
     samples = sum(e["samples_per_s"] * e["seconds"] for e in of["epoch"])
 
-    def peak(kind: str) -> list[float]:
-        lines = of[kind]
-        return [max(e["peak_rss_mb"][r] for e in lines) for r in range(2)] if lines else []
+    world = len(memory["baseline_rss_mb"])
+
+    def peak(kind: str, mark: str = "peak_rss_mb") -> list[float]:
+        lines = [e for e in of[kind] if mark in e]
+        return [max(e[mark][r] for e in lines) for r in range(world)] if lines else []
 
     def update_extra() -> list[float]:
         """Per rank, the most an update's peak rose above the RSS it started from."""
         lines = of["update"]
         return [max(e["peak_rss_mb"][r] - e["rss_mb_before"][r] for e in lines)
-                for r in range(2)] if lines else []
+                for r in range(world)] if lines else []
 
     return {"memory": memory, "epochs": of["epoch"], "evals": of["eval"],
             "update_extra_mb": update_extra(),
             "samples_per_s_between_updates": samples / (train_seconds - update_seconds),
             "update_seconds_mean": (update_seconds / len(of["update"]) if of["update"]
                                     else None),
-            "peak_train": peak("epoch"), "peak_update": peak("update"), "peak_eval": peak("eval")}
+            "peak_train": peak("epoch"), "peak_update": peak("update"), "peak_eval": peak("eval"),
+            "peak_cuda": [peak(kind, "peak_cuda_mb") for kind in ("epoch", "update", "eval")]}
+
+
+def per_rank_max(peaks: list[list[float]]) -> list[float]:
+    """Each rank's largest of the phases' peaks (phases that reported none left out)."""
+    return [max(v) for v in zip(*[p for p in peaks if p])]
 
 
 def main() -> None:
@@ -122,44 +149,55 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", default=["synthetic", "gowalla"],
                         choices=sorted(DATA))
     parser.add_argument("--runs", nargs="+", default=RUNS, help="method:density")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the jobs train (cpu even where a GPU is)")
+    parser.add_argument("--max-steps", type=int, help="train.max_steps of every run (a "
+                        "quicker, smaller measurement than the data set's epochs)")
     parser.add_argument("--keep-runs", action="store_true", help="keep the run directories")
     args = parser.parse_args()
+    suffix = ("" if args.device == "cpu" else f"_{args.device}") + (
+        "" if args.max_steps is None else f"_steps{args.max_steps}")
+    extra = [] if args.max_steps is None else [f"train.max_steps={args.max_steps}"]
     for data in args.data:
         prepared = (synthetic_dataset(REPO / "data" / "synthetic-2.4m-1m") if data == "synthetic"
                     else None)
         memory_rows, scale_rows = [], []
         for spec in args.runs:
             method, density = spec.split(":")
-            run_dir = run(spec.replace(":", "-"), data, method, float(density), prepared)
-            f = figures(run_dir)
-            m = f["memory"]
-            row = {"method": METHOD[method], "density": float(density),
-                   "table_bytes": m["table_bytes"], "optimizer_bytes": m["optimizer_bytes"],
-                   "sparsity_bytes": m["sparsity_bytes"],
-                   "peak_rss_mb": [max(v) for v in zip(*[p for p in (f["peak_train"],
-                                                                     f["peak_update"],
-                                                                     f["peak_eval"]) if p])],
-                   "baseline_rss_mb": m["baseline_rss_mb"],
-                   "samples_per_s_between_updates": f["samples_per_s_between_updates"],
-                   "update_seconds_mean": f["update_seconds_mean"],
-                   "recall@20": f["evals"][-1].get("recall@20") if f["evals"] else None}
+            run_dir = run(spec.replace(":", "-"), data, method, float(density), prepared,
+                          args.device, extra)
+            row, scale = rows_of(figures(run_dir), method, float(density), args.device)
             memory_rows.append(row)
-            scale_rows.append({"method": row["method"], "density": row["density"],
-                               "weights_per_rank": m["weights"] // 2,
-                               "update_seconds_mean": row["update_seconds_mean"],
-                               "peak_rss_mb_train": f["peak_train"],
-                               "peak_rss_mb_update": f["peak_update"],
-                               "peak_rss_mb_eval": f["peak_eval"],
-                               "update_extra_rss_mb": f["update_extra_mb"],
-                               "table_mb_per_rank": m["table_bytes"] / 2 / 2**20,
-                               "samples_per_s_between_updates":
-                                   row["samples_per_s_between_updates"]})
+            scale_rows.append(scale)
             print(json.dumps(row), flush=True)
             if not args.keep_runs:
                 shutil.rmtree(run_dir)
-        write(RESULTS / f"memory_{data}.json", memory_rows)
+        write(RESULTS / f"memory_{data}{suffix}.json", memory_rows)
         if data == "synthetic":
-            write(RESULTS / "scale_synthetic.json", scale_rows)
+            write(RESULTS / f"scale_synthetic{suffix}.json", scale_rows)
+
+
+def rows_of(f: dict, method: str, density: float, device: str) -> tuple[dict, dict]:
+    """A run's row of memory_<data>.json and of scale_synthetic.json."""
+    m = f["memory"]
+    world = len(m["baseline_rss_mb"])
+    row = {"method": METHOD[method], "density": density, "device": device,
+           "table_bytes": m["table_bytes"], "optimizer_bytes": m["optimizer_bytes"],
+           "sparsity_bytes": m["sparsity_bytes"],
+           "peak_rss_mb": per_rank_max([f["peak_train"], f["peak_update"], f["peak_eval"]]),
+           **({"peak_cuda_mb": per_rank_max(f["peak_cuda"])} if any(f["peak_cuda"]) else {}),
+           "baseline_rss_mb": m["baseline_rss_mb"],
+           "samples_per_s_between_updates": f["samples_per_s_between_updates"],
+           "update_seconds_mean": f["update_seconds_mean"],
+           "recall@20": f["evals"][-1].get("recall@20") if f["evals"] else None}
+    scale = {"method": row["method"], "density": density, "device": device,
+             "weights_per_rank": m["weights"] // world,
+             "update_seconds_mean": row["update_seconds_mean"],
+             "peak_rss_mb_train": f["peak_train"], "peak_rss_mb_update": f["peak_update"],
+             "peak_rss_mb_eval": f["peak_eval"], "update_extra_rss_mb": f["update_extra_mb"],
+             "table_mb_per_rank": m["table_bytes"] / world / 2**20,
+             "samples_per_s_between_updates": row["samples_per_s_between_updates"]}
+    return row, scale
 
 
 def write(path: Path, rows: list[dict]) -> None:

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
-from dsl_dist.config import ControlConfig, ModelConfig, TrainConfig, sparsity_config
+from dsl_dist.config import (ControlConfig, DropAndGrowConfig, ModelConfig, TrainConfig,
+                             sparsity_config)
 from dsl_dist.config.registry import SPARSITY_METHODS, load
 from dsl_dist.control import connect_controller
 from dsl_dist.distributed import DistContext, init_distributed, shutdown_distributed
@@ -56,7 +57,7 @@ class Catalogue(nn.Module):
             device=torch.device("meta"))
 
 
-def _randomise_growth(sparsity: SparsityMethod, touched: float = 1.0) -> None:
+def randomise_growth(sparsity: SparsityMethod, touched: float = 1.0) -> None:
     """Distinct growth statistics, as training leaves them (the method's own tensors: dsl's
     per weight, block_dsl's per row), drawn where they live, on a `touched` fraction of the
     rows and zero elsewhere (rows no step looked up in the window: in training most of them,
@@ -73,10 +74,13 @@ def _randomise_growth(sparsity: SparsityMethod, touched: float = 1.0) -> None:
                     stat[untouched] = 0
 
 
-def build(method: str, ctx: DistContext, rows: int, dim: int, density: float
-          ) -> SparsityMethod:
-    """The sparsity method of a sharded catalogue, set up as the Trainer sets it up."""
-    cfg = sparsity_config(method, density=density, delta_t=1)
+def build(method: str, ctx: DistContext, rows: int, dim: int, density: float,
+          **settings: Any) -> tuple[nn.Module, SparsityMethod]:
+    """A sharded catalogue and its sparsity method, set up as the Trainer sets them up;
+    `settings`: more fields of the method's config (dense's has none)."""
+    budgeted = issubclass(SPARSITY_METHODS[method].schema, DropAndGrowConfig)
+    cfg = sparsity_config(method, **({"density": density, "delta_t": 1, **settings}
+                                     if budgeted else {}))
     module: nn.Module = Catalogue(rows, dim)
     sparse = load(SPARSITY_METHODS, method)
     if hasattr(sparse, "transform_model"):
@@ -85,11 +89,11 @@ def build(method: str, ctx: DistContext, rows: int, dim: int, density: float
     train = TrainConfig(optimizer=OPTIMIZER[ctx.device.type])
     model = shard_model(module, ModelConfig(embedding_dim=dim), train, ctx)
     init_normal_(local_table_shards(model), INIT_STD, SEED)
-    schedule = UpdateSchedule.of(cfg, total_steps=2)
-    return sparse.build(SparsitySetup(
+    return model, sparse.build(SparsitySetup(
         cfg, SEED, INIT_STD, model, tables, ctx, 2, None,
-        connect=lambda budgets, unit: connect_controller(ControlConfig(controller="collective"),
-                                                         ctx, schedule, budgets, unit)))
+        connect=lambda budgets, unit: connect_controller(
+            ControlConfig(controller="collective"), ctx, UpdateSchedule.of(cfg, total_steps=2),
+            budgets, unit)))
 
 
 def update_once(method: str, weights: int, dim: int, density: float, touched: float = 1.0
@@ -100,8 +104,8 @@ def update_once(method: str, weights: int, dim: int, density: float, touched: fl
     ctx = init_distributed("auto")
     try:
         rows = math.ceil(weights / dim)
-        sparsity = build(method, ctx, rows, dim, density)
-        _randomise_growth(sparsity, touched)
+        _, sparsity = build(method, ctx, rows, dim, density)
+        randomise_growth(sparsity, touched)
         release_freed_memory()  # as the trainer does after the initial masks
         before = rss_mb()
         allocated = None  # on CUDA: what the update's extra memory is counted over

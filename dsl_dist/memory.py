@@ -15,7 +15,8 @@ import ctypes.util
 import functools
 import resource
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -122,3 +123,33 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
         storage = t.untyped_storage()
         seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
     return sum(seen.values())
+
+
+class TensorPeak:
+    """What `tensor_peak()` measured: the most bytes of tensors allocated within its block
+    that were alive at once (over those alive when it began), and those still alive at its
+    end."""
+
+    peak: int = 0
+    left: int = 0
+
+
+@contextmanager
+def tensor_peak() -> Iterator[TensorPeak]:
+    """Measures the live tensor bytes torch's allocators (CPU and CUDA) hand out within the
+    block, from torch.profiler's memory events: a pass's transient memory, on any device, to
+    the byte. Frees of tensors allocated before the block are not seen (the profiler knows
+    not their size), so the peak can only be overstated. Slow: for tests and benchmarks."""
+    from torch.profiler import ProfilerActivity, profile
+
+    found = TensorPeak()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if torch.cuda.is_available() else [])
+    with profile(activities=activities, profile_memory=True) as profiler:
+        yield found
+    # only memory events have a size (some others' names do not even decode)
+    events = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
+                    if e.nbytes())
+    for _, change in events:
+        found.left += change
+        found.peak = max(found.peak, found.left)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dsl_dist.sparsity.selection import fastops
 from dsl_dist.sparsity.selection.fastops import (compress, flat_nonzero, multiply_rows_, pack_bits,
                                        popcount, unpack_bits, zero_where_)
 
@@ -24,6 +25,16 @@ def test_bool_primitives_match_torch(device: torch.device) -> None:
         values = torch.randint(-5, 5, (mask.numel(),), generator=generator, dtype=torch.int32)
         assert torch.equal(compress(values.to(device), mask.view(-1)).cpu(),
                            values[host.view(-1)])
+
+
+def test_popcount_counts_a_mask_of_many_pieces(device: torch.device,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torch path counts POPCOUNT_BYTES at a time (a last piece of any length)."""
+    monkeypatch.setattr(fastops, "POPCOUNT_BYTES", 48)
+    generator = torch.Generator().manual_seed(2)
+    for rows, cols in ((1, 1), (37, 13), (200, 64)):
+        host = torch.rand(rows, cols, generator=generator) < 0.6
+        assert popcount(pack_bits(host.to(device))) == int(host.sum())
 
 
 def test_multiply_rows_touches_only_the_given_rows_and_allows_repeats(device: torch.device

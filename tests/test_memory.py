@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from dsl_dist.memory import HighWaterMark, PeakTracker, _malloc_trim, high_water_marks
+from dsl_dist.memory import (HighWaterMark, PeakTracker, _malloc_trim, high_water_marks,
+                             tensor_peak)
 
 PINNED_HEAP = """
 import numpy as np
@@ -76,3 +77,17 @@ def test_freed_heap_pinned_by_live_blocks_leaves_the_rss() -> None:
                             text=True, timeout=120, check=True)
     before, after = map(float, result.stdout.split())
     assert before - after > 300, (before, after)
+
+
+def test_tensor_peak_counts_the_most_bytes_alive_at_once_within_the_block() -> None:
+    before = torch.ones(1 << 18)  # 1 MiB alive before: not counted, nor its free
+    with tensor_peak() as found:
+        first = torch.ones(1 << 20)  # 4 MiB
+        second = first * 2  # 8 MiB alive
+        del first
+        third = torch.ones(3 << 18)  # 7 MiB alive
+        del before
+    small = 4096  # torch's own scalars (the 2 above)
+    assert 8 << 20 <= found.peak < (8 << 20) + small
+    assert 7 << 20 <= found.left < (7 << 20) + small
+    del second, third

@@ -122,8 +122,9 @@ class UnstructuredConfig(DropAndGrowConfig):
     update_memory_mb: int = 64
     """The working memory of an update's passes over the shards, per rank: each pass holds
     the temporaries of about this many MiB of weights' worth of chunk at a time, and a
-    selection holds its candidates tied at the threshold (8 or 16 bytes each) when they fit
-    in it, instead of streaming over them again."""
+    selection holds its candidates tied at the threshold (16 or 32 bytes each, temporaries
+    included) when they fit in it, instead of streaming over them again. Beyond it an update
+    holds its choices, a few bits a weight (see tests/test_device_memory.py)."""
 
     def validate(self, max_steps: Optional[int] = None) -> None:
         super().validate(max_steps)

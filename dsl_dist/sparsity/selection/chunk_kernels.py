@@ -8,7 +8,7 @@ keep nothing per weight, so a pass costs about one read of the scores.
 
 Scores arrive as their bit patterns: float32 as uint32, bfloat16 as uint16 (`widen` = 16
 shifts it into a float32's bits, which is exact). Keys are the radix-sort keys of
-exact.py's `_order_keys` plus 2**31 (streaming.py's `unsigned_keys`): the sign bit flipped
+exact.py's `_order_keys` plus 2**31 (see streaming.py's `signed_keys`): the sign bit flipped
 for non-negative floats, all bits flipped for negative ones, -0.0 keyed as +0.0; `absolute`
 clears the sign first (the score is |x|). streaming.py calls these on CPU tensors and does
 the same in torch elsewhere; tests/test_streaming.py checks that both choose alike.

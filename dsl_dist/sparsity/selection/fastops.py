@@ -90,11 +90,24 @@ def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
     return bits[:, :cols].contiguous()
 
 
+POPCOUNT_BYTES = 1 << 18
+"""Bytes of a packed mask that the torch path of `popcount` counts at once: its temporaries
+are a few times that, whatever the mask's size."""
+
+
 def popcount(packed: torch.Tensor) -> int:
     """The set bits of a packed mask."""
     if host_path(packed):
         return int(np.bitwise_count(packed.numpy()).sum(dtype=np.int64))
-    return int(unpack_bits(packed.view(-1, 1), 8).sum())
+    total = torch.zeros((), dtype=torch.int64, device=packed.device)
+    for piece in packed.reshape(-1).split(POPCOUNT_BYTES):
+        piece = torch.nn.functional.pad(piece, (0, -len(piece) % 16))  # zeros count nothing
+        piece = piece - ((piece >> 1) & 0x55)  # each byte's bit count, in the byte (SWAR)
+        piece = (piece & 0x33) + ((piece >> 2) & 0x33)
+        piece = (piece + (piece >> 4)) & 0x0F
+        # 16 bytes of at most 8 fit a byte; only then widen (a sum to int64 copies first)
+        total += piece.view(-1, 16).sum(1, dtype=torch.uint8).sum(dtype=torch.int64)
+    return int(total)
 
 
 def zero_where_(values: torch.Tensor, packed: torch.Tensor) -> None:

@@ -68,9 +68,21 @@ class Candidates(Protocol):
         ...
 
 
-def unsigned_keys(scores: torch.Tensor) -> torch.Tensor:
-    """int64 keys in [0, 2**32) in the order of the scores (-0.0 and +0.0 alike)."""
-    return _order_keys(scores.float()).to(torch.int64) + (1 << (SCORE_BITS - 1))
+_TOP_BIT = 1 << (SCORE_BITS - 1)
+
+
+def signed_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int32 keys in the order of the scores (-0.0 and +0.0 alike; exact.py's `_order_keys`,
+    possibly a view of the scores): a score's key in the radix rounds and chunk_kernels, in
+    [0, 2**32), is its signed key + 2**31. Half the bytes of int64 keys on the torch path."""
+    return _order_keys(scores.float())
+
+
+def _key_digits(keys: torch.Tensor, shift: int) -> torch.Tensor:
+    """Bits [shift, shift + 16) of the unsigned keys of signed `keys`: the same bits of the
+    signed ones, the top bit flipped in the top digit."""
+    digits = (keys >> shift).bitwise_and_(BINS - 1)
+    return digits.bitwise_xor_(BINS >> 1) if shift + DIGIT_BITS == SCORE_BITS else digits
 
 
 def _fused(chunk: Chunk) -> bool:
@@ -122,14 +134,15 @@ class Selection:
     """The tie keys' width (position_bits), for chunks that compute them in place."""
     held: dict[int, torch.Tensor] = field(default_factory=dict, compare=False)
     """The choices already made by the pass that broke the ties, by chunk offset: valid for
-    the chunks of the source the selection was made over."""
+    the chunks of the source the selection was made over, and handed over once (`chosen`
+    forgets each as it returns it, so that they and the caller's copy are not both held)."""
 
     def chosen(self, chunk: Chunk, tie_keys: Callable[[torch.Tensor], torch.Tensor]
                ) -> torch.Tensor:
         """Which entries of `chunk` are chosen, packed like its candidates (no bit outside
         them)."""
         if chunk.offset in self.held:
-            return self.held[chunk.offset]
+            return self.held.pop(chunk.offset)
         shape, device = _packed_shape(chunk), chunk.scores.device
         if self.none or self.every:
             if self.every and chunk.candidates is not None:
@@ -162,9 +175,9 @@ def _split(chunk: Chunk, key: int, largest: bool, take_ties: bool
                                      packed, tied, -1, 0, 0, 0)
         return torch.from_numpy(packed), torch.from_numpy(tied[:count])
     scores, candidates = _flat(chunk)
-    keys = unsigned_keys(scores)
-    chosen = keys > key if largest else keys < key
-    at = keys == key
+    keys, signed_key = signed_keys(scores), key - _TOP_BIT
+    chosen = keys > signed_key if largest else keys < signed_key
+    at = keys == signed_key
     if candidates is not None:
         chosen &= candidates
         at &= candidates
@@ -238,16 +251,16 @@ def _score_histogram(source: Candidates, shift: int, prefix: int, first: bool
             count, nans = count + counted, nans + nan
             continue
         scores, keep = _flat(chunk)
-        keys = unsigned_keys(scores)
+        keys = signed_keys(scores)
         if first:
             count += scores.numel() if keep is None else int(torch.count_nonzero(keep))
             if bool(scores.sum().isnan()):
                 nan = torch.isnan(scores)
                 nans += int(torch.count_nonzero(nan if keep is None else nan & keep))
         else:
-            at_prefix = (keys >> (shift + DIGIT_BITS)) == prefix
+            at_prefix = _key_digits(keys, shift + DIGIT_BITS) == prefix
             keep = at_prefix if keep is None else keep & at_prefix
-        digits = (keys >> shift) & (BINS - 1)
+        digits = _key_digits(keys, shift)
         if keep is not None:
             digits = compress(digits, keep)
         histogram = histogram.to(digits.device) + torch.bincount(digits, minlength=BINS)
@@ -257,12 +270,12 @@ def _score_histogram(source: Candidates, shift: int, prefix: int, first: bool
 def _break_ties(source: Candidates, key: int, largest: bool, tied: int, needed: int,
                 reduce_counts: CountReducer, position_bits: int, tie_memory: int) -> Selection:
     """The selection that takes, of the `tied` candidates at `key` (all ranks), the `needed`
-    of smallest tie key. When the tied fit in `tie_memory` bytes (8 a candidate: int32 index
-    in its chunk and tie key, while tie keys have at most 31 bits; else 16), their pass keeps
-    them and every chunk's choice (`Selection.held`); otherwise it streams over their tie
-    keys."""
+    of smallest tie key. When the tied fit in `tie_memory` bytes (16 a candidate: its int32
+    index in its chunk and tie key, their concatenation and the radix rounds' temporaries
+    over them, while tie keys have at most 31 bits; else 32), their pass keeps them and every
+    chunk's choice (`Selection.held`); otherwise it streams over their tie keys."""
     narrow_keys = position_bits <= 31
-    if tied * (8 if narrow_keys else 16) <= tie_memory:
+    if tied * (16 if narrow_keys else 32) <= tie_memory:
         parts = []  # per chunk: offset, columns, choice, tied (index, tie key); no scores
         for chunk in source.chunks():
             packed, index = _split(chunk, key, largest, False)

@@ -33,8 +33,10 @@ from dsl_dist.sparsity.unstructured.candidates import ShardCandidates
 from dsl_dist.sparsity.unstructured.growth import GrowthRecorder
 from dsl_dist.sparsity.unstructured.masks import MaskedShard
 
-_BYTES_PER_ENTRY = 32
-"""Temporaries of a pass per weight of its chunk (keys, scores, masks, positions)."""
+_BYTES_PER_ENTRY = 40
+"""Budget per weight of a chunk: the torch path's temporaries of a pass (scores, int32 keys,
+masks: at most 20 bytes) twice over, since the tie pass also holds its tied candidates, in
+the other half of the budget."""
 W = TypeVar("W", bound="WeightDropAndGrow")
 
 
@@ -117,7 +119,7 @@ class WeightDropAndGrow(DropAndGrow):
                                         reduce_counts=self.ctx.all_reduce_sum,
                                         position_bits=self.position_bits,
                                         score_bits=score_bits,
-                                        tie_memory=self.cfg.update_memory_mb << 20)
+                                        tie_memory=self.cfg.update_memory_mb << 19)
 
     def _chosen_bits(self, source: ShardCandidates, selection: Selection
                      ) -> dict[int, torch.Tensor]:
@@ -207,10 +209,10 @@ class WeightDropAndGrow(DropAndGrow):
             old = s.bits
             if id(s) in dropped:
                 drop, grow = dropped[id(s)], grown[id(s)]
-                moved += torch.tensor([popcount(drop), popcount(grow),
-                                       popcount(grow & (s.dropped_bits | drop))])
+                regrown = torch.bitwise_or(s.dropped_bits, drop).bitwise_and_(grow)
+                moved += torch.tensor([popcount(drop), popcount(grow), popcount(regrown)])
                 s.dropped_bits |= drop
-                new = (old & ~drop) | grow
+                new = drop.bitwise_not_().bitwise_and_(old).bitwise_or_(grow)  # in drop's place
             else:
                 new = torch.empty_like(old)
             if s.shard.replicated:
