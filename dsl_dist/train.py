@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -101,6 +101,7 @@ class Trainer:
         if hasattr(method, "transform_model"):
             module = method.transform_model(cfg.sparsity, module)
         self.stream = self._stream(module.batches)
+        self.host_batch = module.host_batch
         tables = embedding_tables(module)
         torch.manual_seed(cfg.train.seed)  # dense layers (DDP then copies rank 0's everywhere)
         self.model = shard_model(module, cfg.model, cfg.train, ctx)
@@ -180,11 +181,17 @@ class Trainer:
         stream.steps_per_epoch = ctx.all_reduce_min(stream.local_steps)
         return stream
 
+    def batches(self) -> Iterator[KeyedJaggedTensor]:
+        """The rest of the stream's epoch as the model takes it (`host_batch`), built on the
+        host, in pinned memory on CUDA so that `train_step` copies it without waiting."""
+        return host_batches(self.stream, self.host_batch, pin=self.ctx.device.type == "cuda")
+
     def train_step(self, batch: KeyedJaggedTensor) -> torch.Tensor:
         """Forward, backward (which also updates the fused embedding tables), dense update,
-        then the sparsity method's step (and, at its update steps, drop-and-grow)."""
+        then the sparsity method's step (and, at its update steps, drop-and-grow). `batch`:
+        one of `batches()`. Returns the loss, on the device."""
         self.sparsity.before_step(self.step + 1)
-        loss = self.model(batch.to(self.ctx.device))
+        loss = self.model(batch.to(self.ctx.device, non_blocking=True))
         loss.backward()
         self.sparsity.after_backward()
         if self.dense_optimizer is not None:
@@ -214,19 +221,24 @@ class Trainer:
             self.bar.start(epoch, progress.epoch_steps, min(
                 self.stream.steps_per_epoch,
                 progress.epoch_steps + self.total_steps - self.step))
-        for batch in self.stream:
-            loss = self.train_step(batch).item()
+        # the loss stays on the device, summed there; the host reads it at log points only
+        epoch_loss = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        for batch in self.batches():
+            loss = self.train_step(batch)
+            epoch_loss += loss
             if self.bar:
                 self.bar.step(loss)
-            progress.epoch_loss += loss
             progress.epoch_steps += 1
             steps += 1
             if self.cfg.train.log_every and self.step % self.cfg.train.log_every == 0:
-                self.log.print(f"step {self.step} loss {loss:.4f}")
+                self.log.print(f"step {self.step} loss {float(loss):.4f}")
             if self.step >= self.total_steps:
                 break
             if every and self.step % every == 0:
+                progress.epoch_loss += float(epoch_loss)
+                epoch_loss.zero_()
                 self.save_checkpoint()
+        progress.epoch_loss += float(epoch_loss)
         seconds = time.perf_counter() - started
         if self.bar:
             self.bar.end()
@@ -315,6 +327,17 @@ class Trainer:
             candidates, warn=lambda message: self.log.print(message, file=sys.stderr))
         self.log.print(f"resumed from {path} at step {self.step} "
                        f"(saved by {meta['world_size']} rank(s))")
+
+
+def host_batches(stream: Iterable[KeyedJaggedTensor],
+                 prepare: Callable[[KeyedJaggedTensor], KeyedJaggedTensor],
+                 pin: bool) -> Iterator[KeyedJaggedTensor]:
+    """The stream's batches prepared for the model, in pinned (page-locked) memory if `pin`:
+    a copy from there to a GPU runs asynchronously (non_blocking), one from pageable memory
+    makes the host wait."""
+    for batch in stream:
+        batch = prepare(batch)
+        yield batch.pin_memory() if pin else batch
 
 
 def build_trainer(cfg: JobConfig) -> Trainer:

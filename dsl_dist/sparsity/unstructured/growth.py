@@ -71,8 +71,11 @@ class GrowthRecorder:
             if shard is not None:
                 ids = values[offsets[f]:offsets[f + 1]].long()
                 columns_f = slice(column, column + width)
-                single = ids.numel() == batch and bool((lengths[f] == 1).all())
-                if self.mask_gradients and single:
+                # whether every bag holds one id: a read of the device, asked only where
+                # gradients are masked (sparsity.mask_gradients; off by default)
+                single = (self.mask_gradients and ids.numel() == batch
+                          and bool((lengths[f] == 1).all()))
+                if single:
                     masked.append((ids, columns_f, shard))
                 else:
                     self._touched[id(shard)].append(ids)
