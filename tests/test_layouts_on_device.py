@@ -134,7 +134,7 @@ def test_growth_adds_the_gradient_of_every_looked_up_row(device: torch.device) -
 def test_batches_copy_to_the_device_from_pinned_memory_on_cuda(device: torch.device) -> None:
     from torchrec import KeyedJaggedTensor
 
-    from dsl_dist.train import host_batches
+    from dsl_dist.pipeline import host_batches
 
     batch = KeyedJaggedTensor.from_lengths_sync(keys=["user", "item"],
                                                 values=torch.tensor([3, 1, 4, 1]),

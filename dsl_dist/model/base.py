@@ -36,6 +36,9 @@ class Recommender(nn.Module):
 
     batches: ClassVar[str] = PAIRS
     """Which stream feeds the model: PAIRS or HISTORIES."""
+    fx_traceable: bool = False
+    """Whether torch.fx can trace `forward` (TorchRec's TrainPipelineSparseDist traces it to
+    start the next batch's input distribution early: train.pipeline)."""
 
     def forward(self, batch: KeyedJaggedTensor) -> torch.Tensor:
         raise NotImplementedError

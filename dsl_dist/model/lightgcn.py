@@ -62,6 +62,7 @@ class LightGCN(Recommender):
                                        num_embeddings=num_items, feature_names=item_features)],
             is_weighted=self.bags, device=device)
         self.keys = collection_keys(self.embeddings)
+        self.fx_traceable = self.bags  # full propagation builds its lookups in forward
 
     def _graph_on(self, device: torch.device) -> PropagationBags | torch.Tensor:
         if self.bags:

@@ -151,7 +151,9 @@ class BlockEmbeddingBagCollection(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """The pool's output as it is: the J block features of a feature come out as
         consecutive columns, in order, which together are that feature's D-wide embedding."""
-        out = self.pool(self._expand(features))
+        return _virtual_output(self, self.pool(_expand(self, features)))
+
+    def _virtual_output(self, out: KeyedTensor) -> KeyedTensor:
         keys, dims = self._virtual_order(tuple(out.keys()))
         return KeyedTensor(keys=keys, length_per_key=dims, values=out.values())
 
@@ -174,6 +176,21 @@ class BlockEmbeddingBagCollection(nn.Module):
                 position += span
             self._orders[pool_keys] = (keys, dims)
         return self._orders[pool_keys]
+
+@torch.fx.wrap
+def _expand(collection: BlockEmbeddingBagCollection,
+            features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """collection._expand(features), one opaque call to FX tracing: TorchRec's train pipeline
+    traces the model (train.pipeline=sparse_dist) and cannot trace through the expansion, so
+    it runs the pool's input distribution in the step instead of ahead of it."""
+    return collection._expand(features)
+
+
+@torch.fx.wrap
+def _virtual_output(collection: BlockEmbeddingBagCollection, out: KeyedTensor) -> KeyedTensor:
+    """collection._virtual_output(out), opaque to FX tracing likewise."""
+    return collection._virtual_output(out)
+
 
 def pool_collections(model: nn.Module, names: set[str], block: int, density: float,
                      headroom: float) -> nn.Module:
