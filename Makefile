@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml requirements-common.txt requirements-cpu.txt 
 install: $(VENV)/.installed
 
 # Trains BPR-MF on the bundled lastfm data with $(NPROC) ranks; extra Hydra overrides in ARGS.
+# `dsl-dist train` validates and prepares once, then starts the ranks as torchrun does.
 train: install
-	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m dsl_dist.train $(ARGS)
+	$(VENV)/bin/dsl-dist train --nproc $(NPROC) $(ARGS)
 
 test: install
 	$(PY) -m pytest -q

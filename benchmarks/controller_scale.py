@@ -140,13 +140,13 @@ def _refill(weight: torch.Tensor, growth: torch.Tensor, generator: torch.Generat
 def _run_transport(transport: str, ctx: MeteredContext, shard: Any, ray_address: Optional[str],
                    updates: int, generator: torch.Generator) -> list[dict[str, Any]]:
     """Builds DSL over `shard` with `transport`'s controller and times `updates` updates."""
-    from dsl_dist.config import ControlConfig, SparsityConfig
+    from dsl_dist.config import ControlConfig, DSLConfig
     from dsl_dist.control import connect_controller
     from dsl_dist.sparsity.budget import budget_groups
     from dsl_dist.sparsity.unstructured.dsl import DynamicSparseTraining
     from dsl_dist.sparsity.schedule import UpdateSchedule
 
-    cfg = SparsityConfig(name="dsl", density=DENSITY, delta_t=1)
+    cfg = DSLConfig(density=DENSITY, delta_t=1)
     shape = (shard.table_rows, COLS)
     groups = budget_groups(cfg, {shard.table: shape[0] * shape[1]})
     schedule = UpdateSchedule.of(cfg, total_steps=100 * updates)
@@ -172,7 +172,7 @@ def _run_transport(transport: str, ctx: MeteredContext, shard: Any, ray_address:
         rows.append({"seconds": seconds, "cpu_seconds": cpu_seconds,
                      "reductions": list(ctx.reductions),
                      "controller_sent": sent, "controller_received": received,
-                     "moved": record["dropped"]})
+                     "moved": record.dropped})
     return rows
 
 

@@ -14,9 +14,10 @@ every method) the one whose best validation Recall@20 is highest. Test never cho
 A setting is `dense:DIM` (a dense model of `model.embedding_dim` DIM: for MF and LightGCN the
 embedding width, 64 in full, 16 and 12 neighbouring density 0.2's budget, 8 and 4 density
 0.1's; for NeuMF the width of the MLP path's tables, the ones DSL masks, 16 in full; for
-Mult-VAE the hidden width, 600 in full) or `METHOD:DENSITY` with METHOD `dsl` (unstructured)
-or `block_dsl` (structured) on the full model, with the DSL settings of
-`configs/experiment/<model>_<data>.yaml`; a third part names a lever (`block_dsl:0.2:static`,
+Mult-VAE the hidden width, 600 in full) or `METHOD:DENSITY` with METHOD `dsl` (unstructured),
+`block_dsl` (structured) or `set` (SET: DSL's magnitude drop, but growth at random, the
+control for "does gradient growth matter?") on the full model, with the settings the
+experiment tuned for the method (`configs/tuned/<model>_<data>_<method>.yaml`); a third part names a lever (`block_dsl:0.2:static`,
 see LEVERS), reported as an ablation row with its `variant`, never chosen over the plain
 settings (the dense models get no such extra tuning). A row's params are the model's
 weights (every table and dense layer, sparsified ones at their final density). Each run writes
@@ -36,6 +37,8 @@ from typing import Any
 from reproduce import job_config, parameter_counts
 from train_benchmark import RESULTS, run_benchmark
 
+from dsl_dist.config import DropAndGrowConfig, UnstructuredConfig
+
 RUNS = RESULTS / "equal_budget"
 VALID_FRACTION = 0.1
 DATA = {"gowalla": [f"data.path=data/gowalla-valid{int(VALID_FRACTION * 100)}",
@@ -43,8 +46,9 @@ DATA = {"gowalla": [f"data.path=data/gowalla-valid{int(VALID_FRACTION * 100)}",
         "lastfm": []}
 """Each data set's overrides for a validation split (lastfm's is its own valid.txt)."""
 SETTINGS = ("dense:64", "dense:16", "dense:12", "dense:8", "dense:4", "dsl:0.2", "dsl:0.1",
-            "block_dsl:0.2", "block_dsl:0.1")
-METHOD = {"dense": "dense", "dsl": "unstructured", "block_dsl": "structured"}
+            "block_dsl:0.2", "block_dsl:0.1", "set:0.2")
+METHOD = {"dense": "dense", "dsl": "unstructured", "block_dsl": "structured",
+          "set": "set (random growth)"}
 LEVERS = {
     "static": ["sparsity.t_end=1"],  # the initial mask, never updated: the method's control
     "b4": ["sparsity.block.size=4"],
@@ -89,10 +93,11 @@ def active_params(result: dict[str, Any]) -> tuple[int, int]:
     exact budget holds)."""
     cfg = job_config(result["overrides"])
     shapes, sparsity = parameter_counts(cfg), cfg.sparsity
-    density = result["final_density"] or ({} if sparsity.name == "dense" else {
+    patterns = sparsity.dense_parameters if isinstance(sparsity, UnstructuredConfig) else []
+    density = result["final_density"] or ({} if not isinstance(sparsity, DropAndGrowConfig) else {
         name: sparsity.density for name in shapes  # tables' names have no dot, layers' do
         if ("." not in name and name in (sparsity.tables or [name]))
-        or any(fnmatch.fnmatchcase(name, p) for p in sparsity.dense_parameters)})
+        or any(fnmatch.fnmatchcase(name, p) for p in patterns)})
     return cfg.model.embedding_dim, round(sum(rows * cols * density.get(name, 1.0)
                                               for name, (rows, cols) in shapes.items()))
 

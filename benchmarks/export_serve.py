@@ -52,7 +52,7 @@ def train(name: str, epochs: int, data: Path) -> tuple[Path, list[str]]:
 
 def agreement(model: Any, run_dir: Path) -> dict[str, float]:
     """The Python API's Recall@20 / NDCG@20 over every test user against the run's own."""
-    from dsl_dist.serving.export import load_config
+    from dsl_dist.config.compose import load_config
     from dsl_dist.report.runs import last_event
     from dsl_dist.report.served import metrics_at, split_items
 

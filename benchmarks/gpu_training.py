@@ -89,16 +89,9 @@ def write_tiny_dataset(directory: Path, users: int = 200, items: int = 100,
 
 def compose(overrides: list[str]) -> Any:
     """The job config of `overrides`, as `python -m dsl_dist.train` composes it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
+    from dsl_dist.config.compose import compose_job
 
-    from dsl_dist.cli import CONFIG_DIR
-    from dsl_dist.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return OmegaConf.to_object(hydra_compose("config", overrides=overrides))
+    return compose_job(overrides)
 
 
 def overrides(mode: Mode, model: str, method: str, batch: int, pipeline: Optional[str],

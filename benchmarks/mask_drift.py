@@ -21,8 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -32,14 +30,11 @@ GLOBAL_BATCH = 2048
 def _rank(rank: int, world_size: int, port: int, overrides: list[str], out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
-    from dsl_dist.config import register_configs
+    from dsl_dist.config.compose import compose_job
     from dsl_dist.distributed import shutdown_distributed
     from dsl_dist.train import build_trainer
 
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-        cfg = OmegaConf.to_object(compose("config", overrides=overrides))
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(compose_job(overrides))
     metrics = trainer.fit()
     masks = {f"{s.table}/{s.shard.row_offset}/{s.shard.col_offset}": s.mask.clone()
              for s in trainer.sparsity.shards}

@@ -33,10 +33,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from train_benchmark import REPO, RESULTS, run_benchmark
+from train_benchmark import RESULTS, run_benchmark
 
 from dsl_dist.report.plots import density_grid
 
@@ -59,11 +57,9 @@ PUBLISHED = {
 
 
 def job_config(overrides: list[str]) -> Any:
-    from dsl_dist.config import register_configs
+    from dsl_dist.config.compose import compose_job
 
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-        return OmegaConf.to_object(compose("config", overrides=overrides))
+    return compose_job(overrides)
 
 
 def overrides_of(data: str, model: str, density: str) -> list[str]:

@@ -29,13 +29,13 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
-from dsl_dist.config import ControlConfig, ModelConfig, SparsityConfig, TrainConfig
+from dsl_dist.config import ControlConfig, ModelConfig, TrainConfig, sparsity_config
+from dsl_dist.config.registry import SPARSITY_METHODS, load
 from dsl_dist.control import connect_controller
 from dsl_dist.distributed import DistContext, init_distributed, shutdown_distributed
 from dsl_dist.memory import PeakTracker, high_water_marks, release_freed_memory, rss_mb
 from dsl_dist.model.sharding import embedding_tables, shard_model
 from dsl_dist.model.shards import init_normal_, local_table_shards
-from dsl_dist.registry import SPARSITY_METHODS, load
 from dsl_dist.sparsity.base import SparsityMethod, SparsitySetup
 from dsl_dist.sparsity.schedule import UpdateSchedule
 
@@ -76,7 +76,7 @@ def _randomise_growth(sparsity: SparsityMethod, touched: float = 1.0) -> None:
 def build(method: str, ctx: DistContext, rows: int, dim: int, density: float
           ) -> SparsityMethod:
     """The sparsity method of a sharded catalogue, set up as the Trainer sets it up."""
-    cfg = SparsityConfig(name=method, density=density, delta_t=1)
+    cfg = sparsity_config(method, density=density, delta_t=1)
     module: nn.Module = Catalogue(rows, dim)
     sparse = load(SPARSITY_METHODS, method)
     if hasattr(sparse, "transform_model"):
@@ -115,9 +115,9 @@ def update_once(method: str, weights: int, dim: int, density: float, touched: fl
         return {"method": method, "weights": rows * dim, "rows": rows, "dim": dim,
                 "density": density, "touched_rows": touched, "device": str(ctx.device),
                 "backend": ctx.backend,
-                "optimizer": OPTIMIZER[ctx.device.type], "seconds": record["seconds"],
-                "active": record["active"], "budget": record["budget"],
-                "moved": record["grown"], "rss_mb_before": before,
+                "optimizer": OPTIMIZER[ctx.device.type], "seconds": record.seconds,
+                "active": record.active, "budget": record.budget,
+                "moved": record.grown, "rss_mb_before": before,
                 "allocated_mb_before": allocated, **memory}
     finally:
         shutdown_distributed()

@@ -44,7 +44,16 @@ def exit_bad_input(exc: Exception) -> NoReturn:
                 f.write(str(exc))
         except FileExistsError:
             pass
-    sys.exit(2)
+    _leave(2)
+
+
+def _leave(status: int) -> NoReturn:
+    """Exits without interpreter teardown, where native threads left by the distributed
+    libraries occasionally abort the process ("terminate called without an active
+    exception"), which would add a line and turn a finished run into a failed one."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _reported_by_a_peer() -> bool:
@@ -74,13 +83,8 @@ def hydra_entry(job: Callable[[JobConfig], Any]) -> Callable[[Optional[list[str]
             exit_bad_input(exc)
         except Exception:
             if _reported_by_a_peer():
-                sys.exit(2)
+                _leave(2)
             raise
-        # Everything is written: leave without interpreter teardown, where native threads left
-        # by the distributed libraries occasionally abort the process ("terminate called
-        # without an active exception") and would turn a finished run into a failed one.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        _leave(0)
 
     return main

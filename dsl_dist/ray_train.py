@@ -3,14 +3,18 @@
 The driver runs the training loop of `dsl_dist.train` in a Ray Train `TorchTrainer` with
 `ray.num_workers` workers (gloo on CPU; NCCL, one GPU each, with `ray.use_gpu=true`). It
 creates the sparsity controller as a named actor itself, so the controller outlives any worker
-(a dense run never uses it), and every evaluation is reported through Ray Train. On a cluster of several nodes, give
-`data.source`, `data.path`, `run_dir` and `ray.storage_path` on storage every node sees.
+(a dense run never uses it), and every evaluation is reported through Ray Train. Runs are kept under
+`ray.storage_path` (default ~/dsl-dist, printed at start), not in the working directory, which
+`ray job submit` copies to a temporary place. On a cluster of several nodes, give
+`data.source`, `data.path` and `ray.storage_path` on storage every node sees.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,9 @@ def _report(metrics: dict[str, float]) -> None:
 def _train_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: a rank of the same trainer torchrun runs (Ray Train has already
     formed the process group and owns its teardown)."""
+    # Ray Train shows a worker's INFO records, where TorchRec and FBGEMM describe every plan,
+    # table and kernel they build (about 100 lines a worker); torchrun shows warnings only
+    logging.getLogger().setLevel(logging.WARNING)
     build_trainer(config["job"]).fit(report=_report)
 
 
@@ -63,7 +70,9 @@ def run_on_ray(cfg: JobConfig) -> dict[str, Any]:
             ray.init(address=address)
         else:
             ray.init(include_dashboard=False)
-    run_dir = Path(_local_path(str(run_dir_of(cfg))))
+    storage = Path(cfg.ray.storage_path).expanduser().resolve()
+    run_dir = storage / run_dir_of(cfg)  # an absolute run_dir stays as it is
+    print(f"storage_path {storage}: run_dir {run_dir}", flush=True)
     data = dataclasses.replace(cfg.data, source=_local_path(cfg.data.source),
                                path=_local_path(cfg.data.path))
     control = cfg.control
@@ -72,6 +81,9 @@ def run_on_ray(cfg: JobConfig) -> dict[str, Any]:
         name = control.actor_name or f"dsl-controller-{run_dir.name}"
         controller_actor(name, ray.get_runtime_context().namespace)
         control = dataclasses.replace(control, controller="ray", actor_name=name)
+    # Ray Train's workers otherwise send every print through a logger as well as to stdout,
+    # which shows rank 0's lines twice in the job's log (the driver passes this to them)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     backend = "nccl" if cfg.ray.use_gpu else "gloo"
     job = dataclasses.replace(cfg, data=data, control=control, run_dir=str(run_dir),
                               backend=backend)
@@ -81,7 +93,7 @@ def run_on_ray(cfg: JobConfig) -> dict[str, Any]:
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         torch_config=TorchConfig(backend=backend),
-        run_config=RunConfig(name=run_dir.name, storage_path=_local_path(cfg.ray.storage_path),
+        run_config=RunConfig(name=run_dir.name, storage_path=str(storage / "ray_train"),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
     )
     result = trainer.fit()

@@ -15,7 +15,8 @@ from dsl_dist.best import BestEvaluation
 from dsl_dist.checkpoint import (CheckpointStore, ConfigFingerprint, OptimizerState,
                                  complete_checkpoints)
 from dsl_dist.cli import hydra_entry
-from dsl_dist.config import JobConfig
+from dsl_dist.config import DropAndGrowConfig, JobConfig
+from dsl_dist.config.registry import SPARSITY_METHODS, load
 from dsl_dist.control import connect_controller
 from dsl_dist.data.errors import DataError
 from dsl_dist.data.manifest import Manifest
@@ -31,7 +32,6 @@ from dsl_dist.model.sharding import dense_optimizer, embedding_tables, shard_mod
 from dsl_dist.model.shards import init_normal_, local_table_shards
 from dsl_dist.pipeline import PipelinedSteps, TrainedStream, chosen_pipeline, host_batches
 from dsl_dist.progress import ProgressBar
-from dsl_dist.registry import SPARSITY_METHODS, load
 from dsl_dist.run_log import RunDirError, RunLog, run_dir_of
 from dsl_dist.sparsity.base import SparsitySetup
 from dsl_dist.sparsity.schedule import UpdateSchedule
@@ -97,8 +97,10 @@ class Trainer:
         epoch_steps = cfg.train.epochs * self.stream.steps_per_epoch
         self.total_steps = min(epoch_steps, cfg.train.max_steps or epoch_steps)
         self.bar = self._progress_bar()
-        self.schedule = UpdateSchedule.of(cfg.sparsity, self.total_steps)
-        """The steps a sparsity method updates at (its controller runs this schedule)."""
+        self.schedule = (UpdateSchedule.of(cfg.sparsity, self.total_steps)
+                         if isinstance(cfg.sparsity, DropAndGrowConfig) else None)
+        """The steps a sparsity method updates at (its controller runs this schedule); None
+        for a method that never updates."""
         self.sparsity = method.build(SparsitySetup(
             cfg.sparsity, cfg.train.seed, cfg.model.init_std, self.model, tables, ctx,
             self.total_steps, self.dense_optimizer, connect=lambda budgets, unit: (
@@ -207,13 +209,14 @@ class Trainer:
         self.log.claim()
         # what an update's peak is measured against (its extra memory); read at update steps
         # only, off the other steps' path
-        before = rss_mb() if self.schedule.is_update_step(self.step) else None
+        before = (rss_mb() if self.schedule and self.schedule.is_update_step(self.step)
+                  else None)
         self.peaks.start()
         update = self.sparsity.after_optimizer_step(self.step)
         peaks = self.peaks.stop()
         if update:
             release_freed_memory()
-            self.log.write("update", **update,
+            self.log.write("update", **update.as_dict(),
                            **self._per_rank({**peaks, "rss_mb_before": before}))
         return loss.detach()
 

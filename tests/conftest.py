@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -12,6 +15,35 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/ranks.py for spawned wor
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+HOME_KEY = pytest.StashKey[tuple[Path, Optional[str]]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """HOME for the whole run: a temporary directory, so that the tests never write to the
+    user's home. Ray's ray.init() leaves ~/.ray/auth_token there, after which every `ray
+    start` on the machine turns token authentication on; matplotlib writes its font cache
+    there when a test module imports it. Set here, before the modules are collected; the
+    subprocesses the tests start inherit it."""
+    home = Path(tempfile.mkdtemp(prefix="dsl-dist-tests-home-"))
+    config.stash[HOME_KEY] = (home, os.environ.get("HOME"))
+    os.environ["HOME"] = str(home)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    home, users = config.stash[HOME_KEY]
+    if users is None:
+        os.environ.pop("HOME", None)
+    else:
+        os.environ["HOME"] = users
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def private_home(pytestconfig: pytest.Config) -> Path:
+    """The run's HOME (pytest_configure)."""
+    return pytestconfig.stash[HOME_KEY][0]
 
 
 def write_clustered_dataset(directory: Path, num_users: int = 120, num_items: int = 60,

@@ -110,8 +110,8 @@ def update_with_fixed_statistics(overrides: list[str]) -> dict:
         s.grow_next.copy_(uniform_hash(s.block_positions(rows, 0), 5))
         s.grow_last.copy_(uniform_hash(s.block_positions(rows, 1), 6))
     update = method.update(4)
-    result = {"initial": initial, "after": widths(), "digest": update["mask_digest"],
-              "active": update["active"], "moved": update["grown"]}
+    result = {"initial": initial, "after": widths(), "digest": update.mask_digest,
+              "active": update.active, "moved": update.grown}
     shutdown_distributed()
     return result
 

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from hydra.errors import ConfigCompositionException
 
 from conftest import REPO
-from dsl_dist.config import MODELS, ConfigError, JobConfig, register_configs
+from dsl_dist.config import (MODELS, SPARSITY_METHODS, ConfigError, DropAndGrowConfig,
+                             JobConfig)
+from dsl_dist.config.compose import compose_job, load_config
 
 
 def load(*overrides: str) -> JobConfig:
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
+    return compose_job(list(overrides))
 
 
 def test_defaults_compose_to_a_valid_job() -> None:
@@ -33,9 +34,9 @@ def test_overrides_and_groups() -> None:
 
 
 def test_unknown_key_and_wrong_type_are_refused() -> None:
-    with pytest.raises(ConfigCompositionException, match="learning_rate"):
+    with pytest.raises(ConfigError, match="learning_rate"):
         load("train.learning_rate=1")
-    with pytest.raises(ConfigCompositionException, match="epochs"):
+    with pytest.raises(ConfigError, match="epochs"):
         load("train.epochs=many")
 
 
@@ -59,6 +60,7 @@ def test_unknown_key_and_wrong_type_are_refused() -> None:
     ("control.controller=zookeeper", "control.controller"),
     ("ray.num_workers=0", "ray.num_workers"),
     ("ray.cpus_per_worker=0", "ray.cpus_per_worker"),
+    ("ray.storage_path=s3://bucket/runs", "ray.storage_path"),
     ("model.name=transformer", "model.name"),
     ("model=lightgcn model.lightgcn.num_layers=0", "model.lightgcn.num_layers"),
     ("model=lightgcn model.lightgcn.propagation=sampled", "model.lightgcn.propagation"),
@@ -93,12 +95,59 @@ EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.y
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-@pytest.mark.parametrize("sparsity", ["dense", "dsl"])
+@pytest.mark.parametrize("sparsity", list(SPARSITY_METHODS))
 def test_every_experiment_composes_and_validates(experiment: str, sparsity: str) -> None:
     """A renamed or mistyped key in a benchmark's config fails here, not in a benchmark run."""
+    if experiment.endswith("_dsl"):  # an experiment of one method
+        sparsity = "dsl"
     cfg = load(f"+experiment={experiment}", f"sparsity={sparsity}")
     cfg.validate()
     assert cfg.data.name in experiment
+    assert type(cfg.sparsity) is SPARSITY_METHODS[sparsity].schema
+
+
+@pytest.mark.parametrize("name", list(SPARSITY_METHODS))
+def test_each_method_carries_only_its_own_settings(name: str) -> None:
+    """`sparsity=<name>` composes the method's schema: dense has no DSL field, and a setting
+    another method has is refused by key, naming the method's own."""
+    cfg = load(f"sparsity={name}")
+    cfg.validate()
+    assert type(cfg.sparsity) is SPARSITY_METHODS[name].schema and cfg.sparsity.name == name
+    fields = {f.name for f in dataclasses.fields(cfg.sparsity)}
+    assert (name == "dense") == (fields == {"name"})
+    foreign = {f.name for spec in SPARSITY_METHODS.values()
+               for f in dataclasses.fields(spec.schema)} - fields
+    for key in sorted(foreign)[:3]:
+        with pytest.raises(ConfigError, match=rf"^unknown config key 'sparsity.{key}'"):
+            load(f"sparsity={name}", f"sparsity.{key}=1")
+
+
+def test_a_name_that_is_not_the_composed_method_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"^sparsity.name='dsl': names another method"):
+        load("sparsity.name=dsl").validate()
+
+
+def test_experiments_tune_each_method_apart() -> None:
+    """An experiment's tuned settings follow the method chosen (configs/tuned/), with or
+    without `+`; dense gets none."""
+    dsl = load("+experiment=mf_gowalla", "sparsity=dsl").sparsity
+    assert isinstance(dsl, DropAndGrowConfig)
+    assert (dsl.delta_t, dsl.zeta_0, dsl.growth) == (150, 0.8, "accumulated")
+    block = load("experiment=mf_gowalla", "sparsity=block_dsl").sparsity
+    assert (block.delta_t, block.zeta_0, block.growth) == (150, 0.8, "accumulated")
+    assert load("+experiment=mf_gowalla_dsl").sparsity.density == 0.2
+    assert load("+experiment=multvae_lastfm", "sparsity=dsl").sparsity.dense_parameters == ["*"]
+    assert load("+experiment=mf_gowalla").sparsity.name == "dense"
+
+
+def test_a_saved_config_loads_in_its_methods_schema(tmp_path: Path) -> None:
+    for name in SPARSITY_METHODS:
+        saved = tmp_path / f"{name}.yaml"
+        saved.write_text(OmegaConf.to_yaml(OmegaConf.structured(load(f"sparsity={name}"))))
+        assert load_config(saved) == load(f"sparsity={name}")
+    saved.write_text(saved.read_text().replace(f"name: {name}", "name: unheard_of"))
+    with pytest.raises(ConfigError, match="sparsity.name='unheard_of' is not a known method"):
+        load_config(saved)
 
 
 def test_the_experiments_are_found() -> None:

@@ -11,9 +11,16 @@ import pytest
 from dsl_dist.config import ControlConfig
 from dsl_dist.control import controller_kind
 from dsl_dist.control.controller import SparsityController
+from dsl_dist.sparsity.record import UpdateRecord
 from dsl_dist.sparsity.schedule import UpdateSchedule
 
 SCHEDULE = UpdateSchedule(delta_t=10, total_steps=100)
+
+
+def update(step: int, active: int) -> UpdateRecord:
+    """A record of an update at `step` leaving `active` weights (its other figures made up)."""
+    return UpdateRecord(step=step, budget=1000, active=active, dropped=5, grown=5, regrown=0,
+                        fraction=0.1, density={"user": 0.5}, mask_digest="abc", seconds=0.0)
 
 
 def test_plan_moves_the_cosine_fraction_of_each_group() -> None:
@@ -26,15 +33,15 @@ def test_plan_moves_the_cosine_fraction_of_each_group() -> None:
 
 def test_history_refuses_an_update_that_breaks_the_budget() -> None:
     controller = SparsityController(SCHEDULE, [1000, 30])
-    controller.record({"step": 10, "active": 1030})
+    controller.record(update(10, 1030))
     with pytest.raises(RuntimeError, match="1029 active weights, budget 1030"):
-        controller.record({"step": 20, "active": 1029})
+        controller.record(update(20, 1029))
     assert [u["step"] for u in controller.history] == [10]
 
 
 def test_state_round_trips_and_refuses_another_budget() -> None:
     controller = SparsityController(SCHEDULE, [1000])
-    controller.record({"step": 10, "active": 1000})
+    controller.record(update(10, 1000))
     restored = SparsityController(SCHEDULE, [1000])
     restored.load_state_dict(controller.state_dict())
     assert restored.history == controller.history
@@ -50,7 +57,7 @@ def test_an_update_step_is_planned_once() -> None:
     replays steps its controller already recorded) is refused."""
     controller = SparsityController(SCHEDULE, [1000])
     controller.plan(10)
-    controller.record({"step": 10, "active": 1000})
+    controller.record(update(10, 1000))
     with pytest.raises(RuntimeError, match="planned again"):
         controller.plan(10)
     assert controller.plan(20)

@@ -18,15 +18,16 @@ NUM_USERS, NUM_ITEMS, DIM = 30, 50, 8
 
 
 def build(sharding_type: str, optimizer: str = "rowwise_adagrad", scope: str = "global",
-          **sparsity: object):
-    from dsl_dist.config import ModelConfig, SparsityConfig, TrainConfig
+          method: str = "dsl", **sparsity: object):
+    """A weight-level `method` (dsl, set) over MF's tables."""
+    from dsl_dist.config import ModelConfig, TrainConfig, sparsity_config
+    from dsl_dist.config.registry import SPARSITY_METHODS, load
     from dsl_dist.control.controller import SparsityController
     from dsl_dist.distributed import init_distributed
     from dsl_dist.model.mf import MatrixFactorization
     from dsl_dist.model.sharding import embedding_tables, shard_model
     from dsl_dist.model.shards import init_normal_, local_table_shards
     from dsl_dist.sparsity.base import SparsitySetup
-    from dsl_dist.sparsity.unstructured.dsl import build as build_dsl
     from dsl_dist.sparsity.schedule import UpdateSchedule
 
     ctx = init_distributed("gloo")
@@ -35,12 +36,11 @@ def build(sharding_type: str, optimizer: str = "rowwise_adagrad", scope: str = "
     model = shard_model(module, ModelConfig(sharding_type=sharding_type, embedding_dim=DIM),
                         TrainConfig(optimizer=optimizer, lr=0.1), ctx)
     init_normal_(local_table_shards(model), 0.1, 0)
-    cfg = SparsityConfig(**{"name": "dsl", "density": 0.3, "delta_t": 1, "scope": scope,
-                            **sparsity})
+    cfg = sparsity_config(method, **{"density": 0.3, "delta_t": 1, "scope": scope, **sparsity})
     schedule = UpdateSchedule.of(cfg, total_steps=10)
-    dsl = build_dsl(SparsitySetup(cfg, 0, 0.1, model, tables, ctx, 10, None,
-                                  connect=lambda budgets, unit: SparsityController(schedule,
-                                                                                   budgets)))
+    dsl = load(SPARSITY_METHODS, method).build(SparsitySetup(
+        cfg, 0, 0.1, model, tables, ctx, 10, None,
+        connect=lambda budgets, unit: SparsityController(schedule, budgets)))
     return ctx, model, dsl
 
 
@@ -75,7 +75,8 @@ def update_with_fixed_statistics(sharding_type: str, scope: str) -> dict:
         s.growth.copy_(uniform_hash(s.positions(), seed=99))
     record = dsl.update(step=1)
     zeros = all(bool((s.shard.weight[~s.mask] == 0).all()) for s in dsl.shards)
-    result = {"initial": initial, "after": dump_masks(dsl), "record": record, "zeros": zeros,
+    result = {"initial": initial, "after": dump_masks(dsl), "record": record.as_dict(),
+              "zeros": zeros,
               "budget": dsl.budget}
     shutdown_distributed()
     return result

@@ -23,7 +23,8 @@ from dsl_dist.commands import main as dsl_dist_main
 from dsl_dist.report.runs import last_event
 from dsl_dist.report.served import metrics_at, split_items
 from dsl_dist.serving.artifact import WEIGHTS, ArtifactError, decode, read_artifact
-from dsl_dist.serving.export import ExportError, export, load_config, run_config
+from dsl_dist.config.compose import load_config
+from dsl_dist.serving.export import ExportError, export, run_config
 from dsl_dist.serving.inference import UnknownUsers, load
 
 pytestmark = pytest.mark.multiprocess
@@ -164,10 +165,26 @@ def test_export_refuses_what_it_cannot_serve(lastfm_runs: dict[str, Path],
     cfg.model.name = "neumf"
     other = tmp_path / "config.yaml"
     other.write_text(config.read_text().replace("name: mf", "name: neumf"))
-    with pytest.raises(ExportError, match="model.name='neumf': export supports"):
+    with pytest.raises(ExportError, match="model.name='neumf': not exported: NeuMF scores "
+                       "through an MLP"):
+        run_config(tmp_path, {"config": fingerprint(cfg)}, other)
+    cfg.model.name = "unheard_of"
+    other.write_text(config.read_text().replace("name: mf", "name: unheard_of"))
+    with pytest.raises(ExportError, match="model.name='unheard_of': no model spec"):
         run_config(tmp_path, {"config": fingerprint(cfg)}, other)
     with pytest.raises(ExportError, match="does not belong to"):
         run_config(tmp_path, {"config": fingerprint(load_config(config))}, other)
+
+
+def test_export_refuses_an_unknown_method_by_name(lastfm_runs: dict[str, Path],
+                                                  tmp_path: Path) -> None:
+    config = lastfm_runs["mf-dense"] / "config.yaml"
+    assert "name: dense" in config.read_text()
+    other = tmp_path / "config.yaml"
+    other.write_text(config.read_text().replace("name: dense", "name: unheard_of"))
+    cfg = load_config(config)
+    with pytest.raises(ExportError, match="sparsity.name='unheard_of' is not a known method"):
+        run_config(tmp_path, {"config": fingerprint(cfg)}, other)
 
 
 def test_recommend_refuses_bad_input(lastfm_artifacts: dict[str, Path]) -> None:

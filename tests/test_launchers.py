@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Iterator
@@ -42,10 +43,12 @@ def free_port() -> int:
 def environment(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     # RAY_AUTH_MODE: a local ray.init() (test_controller's, test_serve's) leaves a token in
-    # ~/.ray/auth_token, and `ray start` then turns token auth on, which these loopback
-    # clusters' dashboard requests (401) and job clients would need; the tests opt out.
+    # ~/.ray/auth_token (the suite's temporary HOME), and `ray start` then turns token auth
+    # on, which these loopback clusters' clients would need; the tests opt out unless `extra`
+    # says otherwise (as the README's commands do).
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
-               RAY_AUTH_MODE="disabled", **extra)
+               RAY_AUTH_MODE="disabled")
+    env.update(extra)
     return env
 
 
@@ -89,27 +92,39 @@ def reference(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     return result
 
 
-class RayCluster:
-    """A head and a second node, each a raylet with one CPU, on loopback: the dashboard and
-    job API on 127.0.0.1. Each `ray start --block` leads its own process group, which
-    teardown kills whole (so no other Ray instance on the machine is touched)."""
+def answers(url: str) -> bool:
+    """Whether an HTTP server answers at `url` (401 included: token auth without a token)."""
+    try:
+        urllib.request.urlopen(url, timeout=5)
+    except urllib.error.HTTPError:
+        pass
+    return True
 
-    def __init__(self) -> None:
+
+class RayCluster:
+    """A head and `nodes` - 1 more nodes, each a raylet with `cpus` CPUs, on loopback: the
+    dashboard and job API on 127.0.0.1, token authentication per `auth` (RAY_AUTH_MODE). Each
+    `ray start --block` leads its own process group, which teardown kills whole (so no other
+    Ray instance on the machine is touched)."""
+
+    def __init__(self, nodes: int = 2, cpus: int = 1, auth: str = "disabled") -> None:
         self.temp_dir = tempfile.mkdtemp(prefix="dslray", dir="/tmp")  # short: socket paths
         self.port, self.dashboard_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.env = environment(RAY_AUTH_MODE=auth)
         self.processes: list[subprocess.Popen] = []
-        common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+        common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
                   "--temp-dir", self.temp_dir, "--disable-usage-stats"]
         try:
             self._start("head", "--head", "--port", str(self.port),
                         "--dashboard-host", "127.0.0.1",
                         "--dashboard-port", str(self.dashboard_port), *common)
-            self._wait_for(lambda: urllib.request.urlopen(f"{self.dashboard}/api/version",
-                                                          timeout=5), "the head's dashboard")
-            self._start("worker", "--address", self.address, *common)
-            self._wait_for(lambda: self.nodes() == 2 or None, "the second node")
+            self._wait_for(lambda: answers(f"{self.dashboard}/api/version"),
+                           "the head's dashboard")
+            for node in range(1, nodes):
+                self._start(f"node{node}", "--address", self.address, *common)
+            self._wait_for(lambda: self.nodes() == nodes or None, "every node")
         except BaseException:
             self.stop()
             raise
@@ -117,7 +132,7 @@ class RayCluster:
     def _start(self, name: str, *args: str) -> None:
         with open(Path(self.temp_dir) / f"{name}.out", "w") as out:
             self.processes.append(subprocess.Popen(
-                [str(BIN / "ray"), "start", *args], env=environment(), start_new_session=True,
+                [str(BIN / "ray"), "start", *args], env=self.env, start_new_session=True,
                 stdout=out, stderr=subprocess.STDOUT))
 
     def _wait_for(self, ready, what: str, seconds: float = 240) -> None:
@@ -144,7 +159,7 @@ class RayCluster:
 
     def nodes(self) -> int:
         status = subprocess.run([str(BIN / "ray"), "status", "--address", self.address],
-                                env=environment(), capture_output=True, text=True, timeout=60)
+                                env=self.env, capture_output=True, text=True, timeout=60)
         return status.stdout.split("Pending:")[0].count(" node_")
 
     def stop(self) -> None:
@@ -284,3 +299,47 @@ def test_ray_job_survives_a_killed_worker_and_a_killed_controller(
     resumes = set(re.findall(r"resumed from \S+ at step \d+", out))
     assert len(resumes) == 2, f"expected two restarts, saw {resumes}"
     assert record(run_dir) == reference
+
+
+@pytest.mark.multiprocess
+def test_the_readmes_ray_job_with_token_auth_keeps_its_run_and_resumes(
+        private_home: Path, tmp_path: Path) -> None:
+    """As the README says: a token (`ray get-auth-token --generate`, in the suite's HOME),
+    RAY_AUTH_MODE=token for `ray start` and `ray job submit`, a relative run_dir. The run is
+    kept under ray.storage_path (default ~/dsl-dist, printed), each line of rank 0 printed
+    once; the same command submitted again after the job stopped at a checkpoint resumes
+    from it, to the same events."""
+    from conftest import write_clustered_dataset
+
+    generated = subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"],
+                               env=environment(), capture_output=True, text=True, timeout=60)
+    assert generated.returncode == 0, generated.stderr
+    assert (private_home / ".ray" / "auth_token").is_file()
+    source = write_clustered_dataset(tmp_path / "source")
+    submit = [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--",
+              "python", "-m", "dsl_dist.ray_train", "ray.num_workers=2",
+              f"data.source={source}", f"data.path={tmp_path / 'prepared'}",
+              "data.batch_size=32", "train.epochs=3", "model.embedding_dim=16",
+              "checkpoint.every=20", "run_dir=runs/readme"]
+    cluster = RayCluster(nodes=1, cpus=2, auth="token")
+    try:
+        env = environment(RAY_AUTH_MODE="token", RAY_ADDRESS=cluster.dashboard)
+        first = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True,
+                               timeout=400)
+        assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+        run_dir = private_home / "dsl-dist" / "runs" / "readme"
+        assert f"storage_path {private_home / 'dsl-dist'}: run_dir {run_dir}" in first.stdout
+        epochs = re.findall(r"epoch \d+ step \d+ loss .*", first.stdout)
+        assert len(epochs) == 3, first.stdout[-4000:]  # once each: rank 0 only, no echo
+        finished = record(run_dir)
+
+        final, *_ = sorted((run_dir / "checkpoints").glob("step-*"), reverse=True)
+        shutil.rmtree(final)  # as if the job had stopped after its last periodic checkpoint
+        again = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True,
+                               timeout=400)
+    finally:
+        cluster.stop()
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert len(re.findall(rf"resumed from {run_dir}/checkpoints/step-0+40 at step 40",
+                          again.stdout)) == 1, again.stdout[-4000:]
+    assert record(run_dir) == finished

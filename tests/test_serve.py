@@ -23,7 +23,7 @@ pytest.importorskip("safetensors", reason="the export format; absent from bare G
 from conftest import EXPORT_RUNS  # noqa: E402
 from dsl_dist.report.runs import last_event
 from dsl_dist.report.served import metrics_at, split_items
-from dsl_dist.serving.export import load_config
+from dsl_dist.config.compose import load_config
 from test_launchers import free_port
 
 pytestmark = pytest.mark.multiprocess

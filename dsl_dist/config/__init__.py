@@ -19,14 +19,18 @@ from dsl_dist.config.sections import (CPU_OPTIMIZERS, DENSE_OPTIMIZERS, OPTIMIZE
                                       SHARDING_TYPES, CheckpointConfig, ControlConfig,
                                       DataConfig, EvalConfig, LightGCNConfig, ModelConfig,
                                       MultVAEConfig, NeuMFConfig, RayConfig, TrainConfig)
-from dsl_dist.config.sparsity import BlockConfig, SparsityConfig, check_schedule
-from dsl_dist.registry import MODELS, SPARSITY_METHODS
+from dsl_dist.config.registry import MODELS, SPARSITY_METHODS, sparsity_config
+from dsl_dist.config.sparsity import (BlockConfig, BlockDSLConfig, DropAndGrowConfig, DSLConfig,
+                                      GradientGrowthConfig, SparsityConfig, UnstructuredConfig,
+                                      check_schedule)
 
 __all__ = ["CPU_OPTIMIZERS", "DENSE_OPTIMIZERS", "MODELS", "OPTIMIZERS", "SHARDING_TYPES",
-           "SPARSITY_METHODS", "BlockConfig", "CheckpointConfig", "ConfigError",
-           "ControlConfig", "DataConfig", "EvalConfig", "JobConfig", "LightGCNConfig",
-           "ModelConfig", "MultVAEConfig", "NeuMFConfig", "RayConfig", "SparsityConfig",
-           "TrainConfig", "check_schedule", "is_int", "register_configs", "require"]
+           "SPARSITY_METHODS", "BlockConfig", "BlockDSLConfig", "CheckpointConfig",
+           "ConfigError", "ControlConfig", "DSLConfig", "DataConfig", "DropAndGrowConfig",
+           "EvalConfig", "GradientGrowthConfig", "JobConfig", "LightGCNConfig", "ModelConfig",
+           "MultVAEConfig", "NeuMFConfig", "RayConfig", "SparsityConfig", "TrainConfig",
+           "UnstructuredConfig", "check_schedule", "is_int", "register_configs", "require",
+           "sparsity_config"]
 
 
 @dataclass
@@ -36,6 +40,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    """The schema of the method `sparsity=<name>` picks (dense: this base, with no settings)."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -48,6 +53,12 @@ class JobConfig:
         for section in (self.data, self.model, self.train, self.eval, self.checkpoint,
                         self.control, self.ray):
             section.validate()
+        spec = SPARSITY_METHODS.get(self.sparsity.name)
+        require(spec is not None, "sparsity.name",
+                f"known methods: {', '.join(SPARSITY_METHODS)}", self.sparsity.name)
+        require(type(self.sparsity) is spec.schema, "sparsity.name",
+                f"names another method than the settings composed ({type(self.sparsity).__name__}"
+                f"); choose a method with sparsity={self.sparsity.name}", self.sparsity.name)
         self.sparsity.validate(self.train.max_steps)
         require(self.backend in ("auto", "gloo", "nccl"), "backend", "must be auto, gloo or nccl",
                  self.backend)
@@ -59,5 +70,9 @@ class JobConfig:
 
 
 def register_configs() -> None:
-    """Registers the schema that `configs/config.yaml` extends."""
-    ConfigStore.instance().store(name="job_schema", node=JobConfig)
+    """Registers the schema that `configs/config.yaml` extends and, per method, the schema
+    its option `configs/sparsity/<name>.yaml` extends (`<name>_schema`)."""
+    store = ConfigStore.instance()
+    store.store(name="job_schema", node=JobConfig)
+    for name, spec in SPARSITY_METHODS.items():
+        store.store(group="sparsity", name=f"{name}_schema", node=spec.schema(name=name))

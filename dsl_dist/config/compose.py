@@ -18,7 +18,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from dsl_dist.config import ConfigError, JobConfig, register_configs
+from dsl_dist.config import SPARSITY_METHODS, ConfigError, JobConfig, register_configs
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 """The repository's Hydra configs, found from this file, not from the working directory (which
@@ -67,11 +67,14 @@ def _missing_option(exc: MissingConfigException) -> str:
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """The composed config, or ConfigError in one line (an unknown key, group option or
-    value)."""
+    value). `+experiment=X` (Hydra's form for a group the primary config does not list, which
+    the benchmarks record) is taken as `experiment=X`: configs/config.yaml lists the group, so
+    that the settings an experiment tuned for the chosen method (configs/tuned/) follow it."""
     register_configs()
+    overrides = [o[1:] if o.startswith("+experiment=") else o for o in overrides]
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            composed = compose("config", overrides=list(overrides))
+            composed = compose("config", overrides=overrides)
     except MissingConfigException as exc:
         raise ConfigError(_missing_option(exc)) from None
     except HydraException as exc:
@@ -90,3 +93,18 @@ def compose_job(overrides: list[str]) -> JobConfig:
         return OmegaConf.to_object(compose_config(overrides))  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc)) from None
+
+
+def load_config(path: Path) -> JobConfig:
+    """A run's saved config.yaml as the typed JobConfig, its sparsity section in the schema of
+    the method it names (ConfigError in one line)."""
+    try:
+        saved = OmegaConf.load(path)
+        name = OmegaConf.select(saved, "sparsity.name", default="dense")
+        if name not in SPARSITY_METHODS:
+            raise ConfigError(f"{path}: sparsity.name={name!r} is not a known method "
+                              f"({', '.join(SPARSITY_METHODS)})")
+        schema = OmegaConf.structured(JobConfig(sparsity=SPARSITY_METHODS[name].schema()))
+        return OmegaConf.to_object(OmegaConf.merge(schema, saved))  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: {_one_line(exc)}") from None

@@ -9,7 +9,7 @@ from typing import Optional
 from omegaconf import MISSING
 
 from dsl_dist.config.checks import require
-from dsl_dist.registry import MODELS
+from dsl_dist.config.registry import MODELS
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")
 OPTIMIZERS = ("rowwise_adagrad", "adagrad", "adam", "sgd")
@@ -294,9 +294,11 @@ class RayConfig:
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     """One GPU per worker (NCCL); false: CPU workers with gloo."""
-    storage_path: str = "runs/ray"
-    """Where Ray Train keeps its results and checkpoints (a shared file system or bucket URI
-    on a multi-node cluster)."""
+    storage_path: str = "~/dsl-dist"
+    """Where a Ray job keeps its runs: run_dir (by default <storage_path>/runs/<run name>; a
+    relative run_dir is taken under it) and Ray Train's results (<storage_path>/ray_train).
+    Outside the job's working directory, which `ray job submit` copies to a temporary place
+    that goes with the Ray session; on several nodes, a file system every node sees."""
     max_failures: int = 0
     """Worker-group restarts Ray Train may make after a failure."""
 
@@ -304,5 +306,8 @@ class RayConfig:
         require(self.num_workers >= 1, "ray.num_workers", "must be >= 1", self.num_workers)
         require(self.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0",
                  self.cpus_per_worker)
+        require("://" not in self.storage_path, "ray.storage_path",
+                "must be a directory (runs are files: a shared file system on several nodes)",
+                self.storage_path)
         require(self.max_failures >= -1, "ray.max_failures", "must be >= -1 (-1: unlimited)",
                  self.max_failures)

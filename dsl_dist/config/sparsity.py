@@ -1,5 +1,5 @@
-"""The sparsity section of the job's config: the method, its budget and schedule, and the
-block method's own settings."""
+"""The sparsity section of the job's config: one schema per method, each extending what it
+shares with others (the budget and schedule, growth by gradient, single-weight masks)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from dsl_dist.config.checks import is_int, require
-from dsl_dist.registry import SPARSITY_METHODS
 
 
 @dataclass
@@ -36,11 +35,22 @@ class BlockConfig:
 
 @dataclass
 class SparsityConfig:
-    """How the embedding tables are sparsified: `dense` (not at all), `dsl` (Dynamic Sparse
-    Learning over single weights: a fixed budget of active weights, moved by periodic
-    drop-and-grow) or `block_dsl` (the same over blocks of rows, stored compactly)."""
+    """The `sparsity` section: which method trains the tables, and its settings. Every method's
+    schema extends this one and carries only its own settings (dsl_dist/config/registry.py
+    names them; `sparsity=<method>` picks one); as it is, dense training's, which sparsifies
+    nothing."""
 
     name: str = "dense"
+
+    def validate(self, max_steps: Optional[int] = None) -> None:
+        """Checks the settings (JobConfig checks the name against the registry)."""
+
+
+@dataclass
+class DropAndGrowConfig(SparsityConfig):
+    """A fixed budget of active weights, moved by periodic drop-and-grow on a cosine schedule
+    (what every sparse method shares)."""
+
     density: float = 0.5
     """Fraction of the weights of the sparsified tables that are active: budget
     B = round(density × their total weights), exact on the whole cluster."""
@@ -55,14 +65,40 @@ class SparsityConfig:
     scope: str = "global"
     """global: rank the weights of all tables together, so table densities move;
     per_table: each table keeps round(density × its size) active weights."""
+    tables: list[str] = field(default_factory=list)
+    """Tables to sparsify; empty: every embedding table."""
+
+    def validate(self, max_steps: Optional[int] = None) -> None:
+        require(0 < self.density <= 1, "sparsity.density", "must be in (0, 1]", self.density)
+        check_schedule(self.delta_t, self.zeta_0, self.zeta_min, self.t_end, max_steps,
+                       "train.max_steps")
+        require(self.scope in ("global", "per_table"), "sparsity.scope",
+                 "must be global or per_table", self.scope)
+
+
+@dataclass
+class GradientGrowthConfig(DropAndGrowConfig):
+    """Growth by gradient magnitude (DSL, RigL): which gradient ranks the inactive weights."""
+
     growth: str = "last_batch"
     """Growth signal: last_batch (the paper: |gradient| of the mini-batch before the update) or
     accumulated (|gradient| summed over the delta_t steps since the last update)."""
     growth_every: int = 1
     """accumulated: sum the |gradient| of every this many steps only (and of the update step):
     a sample of the window, which costs 1/growth_every of recording every step."""
-    tables: list[str] = field(default_factory=list)
-    """Tables to sparsify; empty: every embedding table."""
+
+    def validate(self, max_steps: Optional[int] = None) -> None:
+        super().validate(max_steps)
+        require(self.growth in ("last_batch", "accumulated"), "sparsity.growth",
+                 "must be last_batch or accumulated", self.growth)
+        require(self.growth_every >= 1, "sparsity.growth_every", "must be >= 1",
+                 self.growth_every)
+
+
+@dataclass
+class UnstructuredConfig(DropAndGrowConfig):
+    """Single weights chosen anywhere in a table, kept by a mask over the dense table."""
+
     dense_parameters: list[str] = field(default_factory=list)
     """Dense parameters to sparsify as well, as glob patterns of their names in the model
     (`tower.*`, `*`); the budget then spans them and the tables. Empty: none."""
@@ -74,45 +110,64 @@ class SparsityConfig:
     Adagrad then accumulates only active weights' gradients, which changes its step size:
     see README). Needs reset_optimizer_state."""
     init_mask: str = "uniform"
-    """dsl: the initial mask. uniform (the paper): the weights of smallest hash of their
-    position, so two rows share about density² of their columns; prefix: every row's first
-    columns (the rows of smallest hash one more, to the exact budget), so rows share their
-    columns as a dense model of width density × cols does (block_dsl always starts so)."""
+    """The initial mask. uniform (the paper): the weights of smallest hash of their position,
+    so two rows share about density² of their columns; prefix: every row's first columns (the
+    rows of smallest hash one more, to the exact budget), so rows share their columns as a
+    dense model of width density × cols does (block_dsl always starts so)."""
     grow_init_std: float = 0.0
-    """dsl: grown weights start at zero (0, RigL and the paper) or at a uniform value of this
+    """Grown weights start at zero (0, RigL and the paper) or at a uniform value of this
     standard deviation, a pure function of (seed, step, position) (SET). In MF a user's and an
     item's weight of one column both at zero get no gradient, so zero-grown weights can only
     join columns their partners already use."""
-    growth_dtype: str = "bfloat16"
-    """dsl: the growth statistic's dtype, bfloat16 (2 bytes a weight; the ranking it gives
-    differs from float32's only between scores within 0.4% of each other) or float32."""
     update_memory_mb: int = 64
-    """dsl: the working memory of an update's passes over the shards, per rank: each pass
-    holds the temporaries of about this many MiB of weights' worth of chunk at a time, and a
+    """The working memory of an update's passes over the shards, per rank: each pass holds
+    the temporaries of about this many MiB of weights' worth of chunk at a time, and a
     selection holds its candidates tied at the threshold (8 or 16 bytes each) when they fit
     in it, instead of streaming over them again."""
-    block: BlockConfig = field(default_factory=BlockConfig)
 
     def validate(self, max_steps: Optional[int] = None) -> None:
-        require(self.name in SPARSITY_METHODS, "sparsity.name",
-                 f"known methods: {', '.join(SPARSITY_METHODS)}", self.name)
-        require(0 < self.density <= 1, "sparsity.density", "must be in (0, 1]", self.density)
-        check_schedule(self.delta_t, self.zeta_0, self.zeta_min, self.t_end, max_steps,
-                       "train.max_steps")
-        require(self.scope in ("global", "per_table"), "sparsity.scope",
-                 "must be global or per_table", self.scope)
-        require(self.growth in ("last_batch", "accumulated"), "sparsity.growth",
-                 "must be last_batch or accumulated", self.growth)
-        require(self.growth_every >= 1, "sparsity.growth_every", "must be >= 1",
-                 self.growth_every)
+        super().validate(max_steps)
         require(self.init_mask in ("uniform", "prefix"), "sparsity.init_mask",
                 "must be uniform or prefix", self.init_mask)
         require(self.grow_init_std >= 0, "sparsity.grow_init_std", "must be >= 0",
                 self.grow_init_std)
-        require(self.growth_dtype in ("bfloat16", "float32"), "sparsity.growth_dtype",
-                "must be bfloat16 or float32", self.growth_dtype)
         require(self.update_memory_mb >= 1, "sparsity.update_memory_mb", "must be >= 1",
                 self.update_memory_mb)
+
+
+@dataclass
+class DSLConfig(UnstructuredConfig, GradientGrowthConfig):
+    """dsl: Dynamic Sparse Learning over single weights (dsl_dist/sparsity/unstructured/dsl.py;
+    the defaults are the paper's reference code's)."""
+
+    name: str = "dsl"
+    growth_dtype: str = "bfloat16"
+    """The growth statistic's dtype, bfloat16 (2 bytes a weight; the ranking it gives differs
+    from float32's only between scores within 0.4% of each other) or float32."""
+
+    def validate(self, max_steps: Optional[int] = None) -> None:
+        super().validate(max_steps)
+        require(self.growth_dtype in ("bfloat16", "float32"), "sparsity.growth_dtype",
+                "must be bfloat16 or float32", self.growth_dtype)
+
+
+@dataclass
+class SETConfig(UnstructuredConfig):
+    """set: SET (Mocanu et al. 2018) over single weights, magnitude drop and random growth
+    (dsl_dist/sparsity/unstructured/set.py): no growth statistic to configure."""
+
+    name: str = "set"
+
+
+@dataclass
+class BlockDSLConfig(GradientGrowthConfig):
+    """block_dsl: DSL over blocks of rows, stored compactly (dsl_dist/sparsity/block/dsl.py)."""
+
+    name: str = "block_dsl"
+    block: BlockConfig = field(default_factory=BlockConfig)
+
+    def validate(self, max_steps: Optional[int] = None) -> None:
+        super().validate(max_steps)
         self.block.validate()
 
 

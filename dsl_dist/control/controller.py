@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from dsl_dist.sparsity.record import UpdateRecord
 from dsl_dist.sparsity.schedule import UpdateSchedule
 
 
@@ -30,8 +31,9 @@ class SparsityController:
         self.unit = unit
         """Weights per unit: 1, or the block size of structured DSL."""
         self.history: list[dict[str, Any]] = []
-        """One record per drop-and-grow, as written to metrics.jsonl; it also tells which
-        update steps have run, so that none runs twice."""
+        """One record per drop-and-grow, as written to metrics.jsonl (`UpdateRecord.as_dict`:
+        plain data for checkpoints); it also tells which update steps have run, so that none
+        runs twice."""
 
     def plan(self, step: int) -> list[int]:
         """How many units each group drops (and grows) at update step `step`."""
@@ -42,11 +44,11 @@ class SparsityController:
                                f"history already ends at step {self.history[-1]['step']}")
         return [self.schedule.num_to_move(step, budget) for budget in self.budgets]
 
-    def record(self, update: dict[str, Any]) -> None:
-        if update["active"] != sum(self.budgets) * self.unit:
-            raise RuntimeError(f"update at step {update['step']}: {update['active']} active "
+    def record(self, update: UpdateRecord) -> None:
+        if update.active != sum(self.budgets) * self.unit:
+            raise RuntimeError(f"update at step {update.step}: {update.active} active "
                                f"weights, budget {sum(self.budgets) * self.unit}")
-        self.history.append(update)
+        self.history.append(update.as_dict())
 
     def state_dict(self) -> dict[str, Any]:
         return {"schedule": asdict(self.schedule), "budgets": list(self.budgets),

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import ray
 
 from dsl_dist.control.controller import SparsityController
+from dsl_dist.sparsity.record import UpdateRecord
 from dsl_dist.sparsity.schedule import UpdateSchedule
 
 
@@ -53,7 +54,7 @@ class ControllerActor:
     def plan(self, session: str, step: int) -> list[int]:
         return self._configured(session).plan(step)
 
-    def record(self, session: str, update: dict[str, Any]) -> None:
+    def record(self, session: str, update: UpdateRecord) -> None:
         self._configured(session).record(update)
 
     def state_dict(self, session: str) -> dict[str, Any]:
@@ -81,7 +82,7 @@ class RayController:
     def plan(self, step: int) -> list[int]:
         return ray.get(self.actor.plan.remote(self.session, step))
 
-    def record(self, update: dict[str, Any]) -> None:
+    def record(self, update: UpdateRecord) -> None:
         """Every rank reports the same outcome; rank 0's report is the one the actor keeps."""
         if self.is_main:
             ray.get(self.actor.record.remote(self.session, update))

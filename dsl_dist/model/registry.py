@@ -1,4 +1,4 @@
-"""The model `model.name` names (see dsl_dist/registry.py), prepared for and built."""
+"""The model `model.name` names (see dsl_dist/config/registry.py), prepared for and built."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 from dsl_dist.config import JobConfig
 from dsl_dist.data.manifest import Manifest
 from dsl_dist.model.base import Recommender
-from dsl_dist.registry import MODELS, load
+from dsl_dist.config.registry import MODELS, load
 
 
 def prepare_model_data(cfg: JobConfig, dataset_dir: Path) -> None:

@@ -73,12 +73,16 @@ class _DropText(logging.Filter):
 
 def quiet_known_warnings() -> None:
     """Drops KNOWN_WARNINGS (and the planner's FutureWarning on its default storage
-    reservation, which we use as TorchRec's examples do)."""
+    reservation, which we use as TorchRec's examples do, and DCP's on ShardedTensors)."""
     for name, text in KNOWN_WARNINGS.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropText) for f in logger.filters):
             logger.addFilter(_DropText(text))
     warnings.filterwarnings("ignore", message="HeuristicalStorageReservation is known",
+                            category=FutureWarning)
+    # torch.distributed.checkpoint warns at every load of TorchRec's sharded tables, which
+    # are ShardedTensors: TorchRec's choice, nothing a run can change
+    warnings.filterwarnings("ignore", message="Please use DTensor instead",
                             category=FutureWarning)
 
 

@@ -13,6 +13,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from dsl_dist.report.rows import side_of
 from dsl_dist.report.runs import Run
+from dsl_dist.sparsity.record import UpdateRecord
 
 DPI = 120
 
@@ -24,17 +25,17 @@ def _save(figure: Figure, path: Path) -> Path:
 
 
 def learning_curves(runs: Sequence[Run], k: int, path: Path) -> Path:
-    """Recall@k and NDCG@k of every evaluation against the epoch, all runs overlaid."""
-    figure = Figure(figsize=(11, 4.2))
-    for axes, (metric, title) in zip(figure.subplots(1, 2), ((f"recall@{k}", f"Recall@{k}"),
-                                                             (f"ndcg@{k}", f"NDCG@{k}"))):
+    """The training loss of every epoch, and Recall@k and NDCG@k of every evaluation, against
+    the epochs trained, all runs overlaid."""
+    figure = Figure(figsize=(15, 4.2))
+    splits = " / ".join(sorted({run.config["eval"]["split"] for run in runs}))
+    panels = (("loss", "training loss (mean of the epoch)", "loss"),
+              (f"recall@{k}", f"Recall@{k} on {splits}", f"recall@{k} (fraction)"),
+              (f"ndcg@{k}", f"NDCG@{k} on {splits}", f"ndcg@{k} (fraction)"))
+    for axes, (metric, title, ylabel) in zip(figure.subplots(1, 3), panels):
         for run in runs:
-            evals = [e for e in run.reported() if metric in e]
-            axes.plot([e["epoch"] for e in evals], [e[metric] for e in evals], marker="o",
-                      label=run.label)
-        splits = sorted({run.config["eval"]["split"] for run in runs})
-        axes.set(title=f"{title} on {' / '.join(splits)}", xlabel="epoch (evaluated after it)",
-                 ylabel=f"{metric} (fraction)")
+            axes.plot(*run.curve(metric), marker="o", label=run.label)
+        axes.set(title=title, xlabel="epochs trained", ylabel=ylabel)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
     figure.axes[0].legend(fontsize="small")
@@ -45,12 +46,12 @@ def sparsity_over_time(run: Run, path: Path) -> Path:
     """Above: each table's density against the step, and the budget's. Below: ζ(t), the
     fraction of active weights an update may move, and what each update dropped, grew and
     regrew."""
-    updates = run.of("update")
-    steps = [u["step"] for u in updates]
+    updates = [UpdateRecord.from_dict(u) for u in run.of("update")]
+    steps = [u.step for u in updates]
     figure = Figure(figsize=(10, 7.5))
     top, bottom = figure.subplots(2, 1, sharex=True)
-    for table in updates[0]["density"]:
-        top.plot(steps, [u["density"][table] for u in updates], marker=".", label=table)
+    for table in updates[0].density:
+        top.plot(steps, [u.density[table] for u in updates], marker=".", label=table)
     top.axhline(run.config["sparsity"]["density"], color="grey", linestyle="--",
                 label="target density (all tables)")
     top.set(title=f"{run.label}: density per table", ylabel="active / all weights")
@@ -58,12 +59,12 @@ def sparsity_over_time(run: Run, path: Path) -> Path:
     top.grid(alpha=0.3)
     for name, style in (("dropped", {"linewidth": 4, "alpha": 0.4}), ("grown", {}),
                         ("regrown", {})):  # as many grow as drop: the wide line shows both
-        bottom.plot(steps, [u[name] for u in updates], marker=".", label=name, **style)
+        bottom.plot(steps, [getattr(u, name) for u in updates], marker=".", label=name, **style)
     bottom.set(title="drop-and-grow per update", xlabel="training step",
                ylabel="weights per update")
     bottom.grid(alpha=0.3)
     zeta = bottom.twinx()
-    zeta.plot(steps, [u["fraction"] for u in updates], color="black", linestyle=":",
+    zeta.plot(steps, [u.fraction for u in updates], color="black", linestyle=":",
               label="ζ(t) (right axis)")
     zeta.set_ylabel("ζ(t): fraction of active weights moved")
     zeta.set_ylim(bottom=0)

@@ -20,8 +20,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from dsl_dist.checkpoint import complete_checkpoints
+from dsl_dist.config.registry import SPARSITY_METHODS
 from dsl_dist.data.manifest import Manifest
 from dsl_dist.report.runs import Run
+from dsl_dist.sparsity.record import UpdateRecord
 
 SIDES = ("user", "item")
 """A table belongs to the side its name starts with (user, user_gmf, item_encoder, ...)."""
@@ -37,11 +39,12 @@ def active_per_row(run: Run) -> dict[str, tuple[np.ndarray, int]]:
     """Per sparsified table, the active weights of every row at the end of the run and the
     row's width (nothing for a dense run or one without a checkpoint)."""
     path = final_checkpoint(run)
-    if path is None or run.config["sparsity"]["name"] == "dense":
+    layout = SPARSITY_METHODS[run.config["sparsity"]["name"]].export_layout
+    if path is None or layout == "dense":
         return {}
     metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     wanted = {key: meta for key, meta in metadata.items() if key.startswith("sparsity.")
-              and key.endswith((".mask", ".widths"))}
+              and key.endswith(".mask" if layout == "mask" else ".widths")}
     state = {key: torch.zeros(tuple(meta.size), dtype=meta.properties.dtype)
              for key, meta in wanted.items()}
     if not state:
@@ -49,16 +52,24 @@ def active_per_row(run: Run) -> dict[str, tuple[np.ndarray, int]]:
     with warnings.catch_warnings():  # DCP warns that it loads in one process: we mean to
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=str(path), no_dist=True)
-    model, block = run.config["model"], run.config["sparsity"]["block"]["size"]
     counts = {}
     for key, tensor in state.items():
         table = key[len("sparsity."):].rsplit(".", 1)[0]
-        if key.endswith(".mask"):
+        if layout == "mask":
             counts[table] = (tensor.sum(dim=1).numpy(), tensor.shape[1])
-        else:  # a block layout keeps no row width: the model's (NeuMF's GMF tables: gmf_dim)
-            width = model["neumf"]["gmf_dim"] if table.endswith("_gmf") else model["embedding_dim"]
-            counts[table] = ((tensor.to(torch.int64) * block).numpy(), width)
+        else:
+            counts[table] = _block_weights(run, table, tensor.to(torch.int64))
     return counts
+
+
+def _block_weights(run: Run, table: str, widths: torch.Tensor) -> tuple[np.ndarray, int]:
+    """A block layout's active weights per row and the row width, which it does not keep: the
+    last update's record gives the block size and the table's density, so its weights are
+    active / density over its rows (the layout has not changed since that update)."""
+    update = UpdateRecord.from_dict(run.of("update")[-1])
+    active = widths * update.blocks["size"]
+    width = round(int(active.sum()) / update.density[table] / len(widths))
+    return active.numpy(), width
 
 
 def popularity(run: Run) -> dict[str, np.ndarray]:

@@ -71,6 +71,16 @@ class Run:
         """The evaluations of the reported split (eval.split), not those that select."""
         return [e for e in self.of("eval") if e["split"] == self.config["eval"]["split"]]
 
+    def curve(self, metric: str) -> tuple[list[int], list[float]]:
+        """(epochs trained, values) of `metric`: "loss", the mean training loss of every
+        epoch, or an evaluation metric of the reported split (every eval.every_epochs and at
+        the end)."""
+        if metric == "loss":  # an epoch event names the epoch it trained, counted from 0
+            points = [(e["epoch"] + 1, e["loss"]) for e in self.of("epoch")]
+        else:
+            points = [(e["epoch"], e[metric]) for e in self.reported() if metric in e]
+        return [epoch for epoch, _ in points], [value for _, value in points]
+
     def key_figures(self) -> dict[str, str]:
         """The index's row: what ran, how fast, and where it ended."""
         epochs, evals, updates = self.of("epoch"), self.reported(), self.of("update")

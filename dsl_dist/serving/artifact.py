@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 FORMAT = 1
 META = "artifact.json"
@@ -162,15 +162,18 @@ def sha256(path: Path) -> str:
 def write_artifact(directory: Path, meta: dict[str, Any], tables: dict[str, EncodedTable],
                    positives: tuple[np.ndarray, np.ndarray], ids: dict[str, list],
                    propagated: Optional[dict[str, np.ndarray]] = None) -> dict:
-    """Writes an artifact into the empty `directory`; returns its artifact.json."""
-    save_file({f"{name}.{key}": value for name, table in tables.items()
-               for key, value in table.tensors.items()}, str(directory / WEIGHTS))
+    """Writes an artifact into the empty `directory`; returns its artifact.json. Files are
+    written as ordinary files (mode from the umask, 0644 by default): safetensors' own
+    save_file makes them 0600, unreadable to a server running as another user."""
+    (directory / WEIGHTS).write_bytes(save({f"{name}.{key}": value
+                                            for name, table in tables.items()
+                                            for key, value in table.tensors.items()}))
     indptr, items = positives
-    save_file({"indptr": indptr, "items": items}, str(directory / POSITIVES))
+    (directory / POSITIVES).write_bytes(save({"indptr": indptr, "items": items}))
     (directory / IDS).write_text(json.dumps(ids))
     names = [WEIGHTS, POSITIVES, IDS]
     if propagated is not None:
-        save_file(propagated, str(directory / PROPAGATED))
+        (directory / PROPAGATED).write_bytes(save(propagated))
         names.append(PROPAGATED)
     files = {name: {"sha256": sha256(directory / name), "bytes": (directory / name).stat().st_size}
              for name in names}

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -32,16 +33,17 @@ from omegaconf import OmegaConf
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dsl_dist.checkpoint import CheckpointError, complete_checkpoints, fingerprint, read_meta
-from dsl_dist.config import JobConfig
+from dsl_dist.config import SPARSITY_METHODS, ConfigError, JobConfig, UnstructuredConfig
+from dsl_dist.config.compose import load_config
 from dsl_dist.data.errors import DataError
-from dsl_dist.data.graph import InteractionGraph, load_propagation_bags, read_graph
+from dsl_dist.data.graph import InteractionGraph, read_graph
 from dsl_dist.data.manifest import Manifest
 from dsl_dist.data.prepare import move_into_place
-from dsl_dist.serving.artifact import (EncodedTable, decode, encode_blocks, encode_dense,
-                                       encode_masked, narrow, weight_bound, write_artifact)
-from dsl_dist.serving.inference import lightgcn_embeddings
+from dsl_dist.serving.artifact import (EncodedTable, decode, narrow, weight_bound,
+                                       write_artifact)
+from dsl_dist.serving.method_state import UnknownState, encode_table, needed
+from dsl_dist.serving.models import NotServed, serving_module
 
-EXPORTED_MODELS = ("mf", "lightgcn")
 TABLES = ("user", "item")
 CONFIG = "config.yaml"
 
@@ -70,48 +72,40 @@ def find_checkpoint(source: Path) -> tuple[Path, Path]:
     return found[0], source
 
 
-def load_config(path: Path) -> JobConfig:
-    """A run's resolved config.yaml as the typed JobConfig."""
-    merged = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.load(path))
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
-
-
 def run_config(checkpoint: Path, meta: dict[str, Any], config: Path) -> JobConfig:
     """The run's config, refused unless it is the one the checkpoint was written with."""
     if not config.is_file():
         raise ExportError(f"{config}: no such file; pass the run's config with --config")
-    cfg = load_config(config)
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
     differ = sorted(k for k, v in fingerprint(cfg).items() if meta["config"].get(k) != v)
     if differ:
         raise ExportError(f"{config} does not belong to {checkpoint}: {differ} differ")
-    if cfg.model.name not in EXPORTED_MODELS:
-        raise ExportError(f"model.name={cfg.model.name!r}: export supports {EXPORTED_MODELS}; "
-                          "NeuMF and Mult-VAE score through dense layers that serving does not "
-                          "implement")
-    if cfg.sparsity.dense_parameters:
+    try:
+        serving_module(cfg.model.name)
+    except NotServed as e:
+        raise ExportError(str(e)) from None
+    if isinstance(cfg.sparsity, UnstructuredConfig) and cfg.sparsity.dense_parameters:
         raise ExportError(f"sparsity.dense_parameters={cfg.sparsity.dense_parameters!r}: "
                           f"{cfg.model.name} has no dense parameters to export")
     return cfg
 
 
-def read_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The tensors of the checkpoint that an artifact needs (the model's tables, the masks,
-    the block layout and blocks; not the optimizer's state or the growth statistics), whole,
-    read in this process without a process group."""
+def read_tensors(checkpoint: Path, layout: str) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The tensors of the checkpoint that an artifact needs (the model's tables and what the
+    sparsity state's `layout` reads, dsl_dist/serving/method_state.py), whole, read in this
+    process without a process group; and every key the checkpoint holds."""
     reader = dcp.FileSystemReader(str(checkpoint))
     metadata = reader.read_metadata()
     state = {key: torch.empty(m.size, dtype=m.properties.dtype)
              for key, m in metadata.state_dict_metadata.items()
-             if _needed(key) and isinstance(m, TensorStorageMetadata)}
+             if needed(key, layout) and isinstance(m, TensorStorageMetadata)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no process group: loading into this process"
         dcp.load(state, storage_reader=reader, no_dist=True)
-    return state
-
-
-def _needed(key: str) -> bool:
-    return (key.startswith("model.") or key.startswith("sparsity_blocks.") and key.endswith(".0")
-            or key.startswith("sparsity.") and key.endswith((".mask", ".widths")))
+    return state, set(metadata.state_dict_metadata)
 
 
 def _model_weight(tensors: dict[str, torch.Tensor], table: str) -> np.ndarray:
@@ -122,23 +116,15 @@ def _model_weight(tensors: dict[str, torch.Tensor], table: str) -> np.ndarray:
     return tensors[keys[0]].numpy()
 
 
-def encode_tables(cfg: JobConfig, tensors: dict[str, torch.Tensor]) -> dict[str, EncodedTable]:
-    """The model's tables in their compact layouts (see dsl_dist/serving/artifact.py)."""
-    method = cfg.sparsity.name
-    out = {}
-    for table in TABLES:
-        if method == "dsl" and f"sparsity.{table}.mask" in tensors:
-            mask = tensors[f"sparsity.{table}.mask"].numpy().astype(bool)
-            out[table] = encode_masked(_model_weight(tensors, table), mask)
-        elif method == "block_dsl" and f"sparsity.{table}.widths" in tensors:
-            widths = tensors[f"sparsity.{table}.widths"].numpy()
-            blocks = tensors.get(f"sparsity_blocks.{table}.0")
-            blocks = (blocks.numpy() if blocks is not None else
-                      np.zeros((0, cfg.sparsity.block.size), dtype=np.float32))
-            out[table] = encode_blocks(widths, blocks, cfg.model.embedding_dim)
-        else:  # dense, or a table the method leaves whole
-            out[table] = encode_dense(_model_weight(tensors, table))
-    return out
+def encode_tables(cfg: JobConfig, layout: str, tensors: dict[str, torch.Tensor],
+                  state_keys: set[str]) -> dict[str, EncodedTable]:
+    """The model's tables in the compact layout `layout` their method leaves (see
+    dsl_dist/serving/method_state.py and artifact.py)."""
+    try:
+        return {table: encode_table(table, layout, tensors, state_keys,
+                                    _model_weight(tensors, table), cfg) for table in TABLES}
+    except UnknownState as e:
+        raise ExportError(f"sparsity.name={cfg.sparsity.name!r}: {e}") from None
 
 
 def train_positives(graph: InteractionGraph, num_users: int) -> tuple[np.ndarray, np.ndarray]:
@@ -149,17 +135,14 @@ def train_positives(graph: InteractionGraph, num_users: int) -> tuple[np.ndarray
 
 
 def propagated_embeddings(cfg: JobConfig, dataset_dir: Path, graph: InteractionGraph,
-                          tables: dict[str, EncodedTable]) -> dict[str, np.ndarray]:
-    """LightGCN's final user and item embeddings, propagated as the run did (with `bags`, from
-    the data set's cached bags, which the run built)."""
-    g = cfg.model.lightgcn
-    bags = (load_propagation_bags(dataset_dir, g.num_layers, g.max_neighbours)
-            if g.propagation == "bags" else None)
-    users, items = lightgcn_embeddings(
+                          tables: dict[str, EncodedTable]) -> Optional[dict[str, np.ndarray]]:
+    """The final user and item embeddings the model's serving module computes from the
+    tables (LightGCN's, propagated as the run did); None when they are the tables."""
+    settings = serving_module(cfg.model.name).settings(cfg)
+    final = serving_module(cfg.model.name).final_embeddings(
         torch.from_numpy(decode(tables["user"])), torch.from_numpy(decode(tables["item"])),
-        graph, {"num_layers": g.num_layers, "propagation": g.propagation,
-                "max_neighbours": g.max_neighbours}, bags)
-    return {"user": users.numpy(), "item": items.numpy()}
+        graph, settings, dataset_dir)
+    return None if final is None else {"user": final[0].numpy(), "item": final[1].numpy()}
 
 
 def original_ids(dataset_dir: Path, manifest: Manifest) -> dict[str, list]:
@@ -179,12 +162,9 @@ def describe(cfg: JobConfig, manifest: Manifest, checkpoint: Path,
     model: dict[str, Any] = {"name": cfg.model.name, "num_users": manifest.num_users,
                              "num_items": manifest.num_items,
                              "embedding_dim": cfg.model.embedding_dim}
-    if cfg.model.name == "lightgcn":
-        g = cfg.model.lightgcn
-        model["lightgcn"] = {"num_layers": g.num_layers, "propagation": g.propagation,
-                             "max_neighbours": g.max_neighbours}
+    model.update(serving_module(cfg.model.name).settings(cfg))
     return {"model": model,
-            "sparsity": {"name": cfg.sparsity.name, "density": cfg.sparsity.density},
+            "sparsity": dataclasses.asdict(cfg.sparsity),
             "data": {"name": manifest.name, "num_users": manifest.num_users,
                      "num_items": manifest.num_items,
                      "rows": {s: info.rows for s, info in manifest.splits.items()}},
@@ -211,8 +191,9 @@ def export(source: Path, out: Path, *, overwrite: bool = False,
     cfg = run_config(checkpoint, ckpt_meta, Path(config) if config else run_dir / CONFIG)
     dataset_dir = Path(data or cfg.data.path)
     manifest = Manifest.load(dataset_dir)
-    tensors = read_tensors(checkpoint)
-    tables = encode_tables(cfg, tensors)
+    layout = SPARSITY_METHODS[cfg.sparsity.name].export_layout
+    tensors, state_keys = read_tensors(checkpoint, layout)
+    tables = encode_tables(cfg, layout, tensors, state_keys)
     for table, count in (("user", manifest.num_users), ("item", manifest.num_items)):
         if tables[table].shape != (count, cfg.model.embedding_dim):
             raise ExportError(f"table {table} {tables[table].shape} does not match the data set "
@@ -223,8 +204,7 @@ def export(source: Path, out: Path, *, overwrite: bool = False,
     staging.mkdir()
     try:
         graph = read_graph(dataset_dir)
-        final = (propagated_embeddings(cfg, dataset_dir, graph, tables)
-                 if propagated and cfg.model.name == "lightgcn" else None)
+        final = propagated_embeddings(cfg, dataset_dir, graph, tables) if propagated else None
         written = write_artifact(staging, meta, tables,
                                  train_positives(graph, manifest.num_users),
                                  original_ids(dataset_dir, manifest), final)

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.nn import functional
 
-from dsl_dist.data.graph import CSRBags, InteractionGraph, PropagationBags, propagation_bags
-from dsl_dist.model.lightgcn import propagate
+from dsl_dist.data.graph import InteractionGraph
 from dsl_dist.serving.artifact import Artifact, decode, read_artifact
+from dsl_dist.serving.models import serving_module
 
 ITEM_BLOCK = 1 << 16
 """Items scored at once (at most)."""
@@ -55,32 +54,6 @@ class Recommendations:
     users: list
     items: list[list]
     scores: list[list[float]]
-
-
-def _bag_sum(bags: CSRBags, table: torch.Tensor) -> torch.Tensor:
-    """Row r: Σ weights · table[ids] over bag r."""
-    return functional.embedding_bag(bags.ids, table, bags.indptr[:-1], mode="sum",
-                                    per_sample_weights=bags.weights,
-                                    include_last_offset=False)
-
-
-def lightgcn_embeddings(users: torch.Tensor, items: torch.Tensor, graph: InteractionGraph,
-                        settings: dict[str, Any], bags: Optional[PropagationBags] = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LightGCN's final (user, item) embeddings from its layer-0 tables, propagated as the run
-    did (`settings`: num_layers, propagation, max_neighbours; `bags`: the graph's propagation
-    bags if at hand, else computed from `graph`)."""
-    layers = settings["num_layers"]
-    if settings["propagation"] == "full":
-        final = propagate(graph.normalized_adjacency(), torch.cat([users, items]), layers)
-        return final[:len(users)], final[len(users):]
-    if bags is None:
-        bags = propagation_bags(graph, layers, settings["max_neighbours"])
-    alpha = bags.self_weight
-    return (alpha * users + _bag_sum(bags.user_to_users, users)
-            + _bag_sum(bags.user_to_items, items),
-            alpha * items + _bag_sum(bags.item_to_users, users)
-            + _bag_sum(bags.item_to_items, items))
 
 
 class ApproximateIndex:
@@ -118,11 +91,12 @@ class ExportedModel:
         users, items = (torch.from_numpy(decode(artifact.tables[t])) for t in ("user", "item"))
         if artifact.propagated is not None:
             users, items = (torch.from_numpy(artifact.propagated[t]) for t in ("user", "item"))
-        elif meta["name"] == "lightgcn":
+        else:
             graph = InteractionGraph(self.num_users, self.num_items,
                                      np.repeat(np.arange(self.num_users), np.diff(self.indptr)),
                                      self.positives)
-            users, items = lightgcn_embeddings(users, items, graph, meta["lightgcn"])
+            final = serving_module(meta["name"]).final_embeddings(users, items, graph, meta, None)
+            users, items = final if final is not None else (users, items)
         self.user_vectors, self.item_vectors = users.contiguous(), items.contiguous()
         self.index = ApproximateIndex(self.item_vectors) if approximate else None
 

@@ -2,8 +2,8 @@
 
 The loop calls the same hooks on every method around every step; a method keeps its own state,
 runs its own updates and registers with the checkpoint store what a checkpoint must keep.
-Dense training is the method whose hooks do nothing. `sparsity.name` picks the method from
-`dsl_dist/registry.py`.
+Dense training is the method whose hooks do nothing; the sparse methods are drop-and-grow
+(engine.py). `sparsity=<name>` picks the method from `dsl_dist/config/registry.py`.
 
 Methods never talk to the controller's transport: the job's controller (budget, schedule,
 plan, history; `dsl_dist/control`) is built outside, by `SparsitySetup.connect`, and reaches
@@ -22,6 +22,7 @@ from torchrec.optim.keyed import KeyedOptimizer
 
 from dsl_dist.config import SparsityConfig
 from dsl_dist.distributed import DistContext
+from dsl_dist.sparsity.record import UpdateRecord
 from dsl_dist.sparsity.schedule import UpdateSchedule
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ class Controller(Protocol):
         """How many weights each budget group moves at update step `step`."""
         ...
 
-    def record(self, update: dict[str, Any]) -> None: ...
+    def record(self, update: UpdateRecord) -> None: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -77,7 +78,7 @@ class SparsityMethod:
     def after_backward(self) -> None:
         """Called after the backward pass (the fused tables are already updated)."""
 
-    def after_optimizer_step(self, step: int) -> Optional[dict[str, Any]]:
+    def after_optimizer_step(self, step: int) -> Optional[UpdateRecord]:
         """Called after step `step`'s optimizer updates; returns the record of the update it
         ran at this step (written to metrics.jsonl), if any."""
         return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dsl_dist.config import ConfigError, SparsityConfig
+from dsl_dist.config import ConfigError, DropAndGrowConfig
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,7 @@ class Group:
     budget: int
 
 
-def budget_groups(cfg: SparsityConfig, sizes: dict[str, int]) -> list[Group]:
+def budget_groups(cfg: DropAndGrowConfig, sizes: dict[str, int]) -> list[Group]:
     """The groups of sparsified tables (`sizes`: units by name) ranked together (all of them,
     or one per table) and their budgets, round(density × their units)."""
     names = list(sizes)

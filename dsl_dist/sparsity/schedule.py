@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from dsl_dist.config import SparsityConfig, check_schedule, is_int, require
+from dsl_dist.config import DropAndGrowConfig, check_schedule, is_int, require
 
 # ζ·active is a product of floats: 0.07 * 100 == 7.000000000000001. Values within this relative
 # distance above an integer count as that integer, so the rounding up does not depend on noise.
@@ -27,7 +27,7 @@ class UpdateSchedule:
     weights grown at the last step, so updating there would only lose trained weights.
 
     Invalid fields raise `ConfigError` (a ValueError) naming the field as `sparsity.<field>`
-    (the checks `SparsityConfig.validate` makes, see `check_schedule`).
+    (the checks `DropAndGrowConfig.validate` makes, see `check_schedule`).
     """
 
     delta_t: int
@@ -43,7 +43,7 @@ class UpdateSchedule:
                        "total_steps")
 
     @classmethod
-    def of(cls, cfg: SparsityConfig, total_steps: int) -> "UpdateSchedule":
+    def of(cls, cfg: DropAndGrowConfig, total_steps: int) -> "UpdateSchedule":
         """The schedule a run of `total_steps` steps follows under `cfg`."""
         return cls(cfg.delta_t, total_steps, cfg.zeta_0, cfg.zeta_min, cfg.t_end)
 

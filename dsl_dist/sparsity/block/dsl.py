@@ -13,7 +13,8 @@ k = ceil(ζ(t)·B) blocks move (at most one per row, so k is capped by the rows 
   does in weight-level DSL). Grown blocks start at zero with zero optimizer state.
 
 Choices use the same exact distributed selection as weight-level DSL, over rows, with global
-block positions as tie-breaks, so 1 and 2 ranks choose alike. A shard cannot hold more blocks
+block positions as tie-breaks, so 1 and 2 ranks choose alike; plan, record, budget and
+checkpoint components are the drop-and-grow engine's (engine.py), with a block as the unit. A shard cannot hold more blocks
 than its slots: where growth would overflow one, its best candidates up to its free slots
 compete (and k shrinks if too few remain anywhere), a bound `sparsity.block.headroom` sets.
 """
@@ -21,34 +22,28 @@ compete (and k shrinks if too few remain anywhere), a bound `sparsity.block.head
 from __future__ import annotations
 
 import math
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from dsl_dist.config import ConfigError, SparsityConfig
+from dsl_dist.config import BlockDSLConfig, ConfigError
 from dsl_dist.distributed import DistContext
 from dsl_dist.model.shards import initial_rows, local_table_shards
 from dsl_dist.model.torchrec_internals import embedding_kernels
-from dsl_dist.sparsity.base import Controller, SparsityMethod, SparsitySetup
+from dsl_dist.sparsity.base import Controller, SparsitySetup
 from dsl_dist.sparsity.block.hooks import PoolKernelHooks
 from dsl_dist.sparsity.block.pool import PoolGeometry, block_collections, pool_collections
 from dsl_dist.sparsity.block.shard import PoolShard
 from dsl_dist.sparsity.block.state import BlockValues, LayoutState
 from dsl_dist.sparsity.budget import Group, budget_groups, position_bases
+from dsl_dist.sparsity.engine import DropAndGrow
 from dsl_dist.sparsity.selection.exact import Part, local_counts, select_across, select_extreme
 from dsl_dist.sparsity.selection.hashing import uniform_hash
 
-if TYPE_CHECKING:
-    from dsl_dist.checkpoint import CheckpointStore
 
-
-def transform_model(cfg: SparsityConfig, model: nn.Module) -> nn.Module:
+def transform_model(cfg: BlockDSLConfig, model: nn.Module) -> nn.Module:
     """The plain model with its sparsified tables (all, or `sparsity.tables`) as block pools."""
-    if cfg.dense_parameters:
-        raise ConfigError(f"sparsity.dense_parameters={list(cfg.dense_parameters)!r}: "
-                          "block_dsl sparsifies embedding tables only")
     tables = {t.name: t for m in model.modules() if hasattr(m, "embedding_bag_configs")
               for t in m.embedding_bag_configs()}
     names = set(cfg.tables) or set(tables)
@@ -84,27 +79,19 @@ def build(setup: SparsitySetup) -> BlockDSL:
                     controller, PoolKernelHooks(embedding_kernels(model), shards))
 
 
-class BlockDSL(SparsityMethod):
+class BlockDSL(DropAndGrow):
     """Drop-and-grow of whole blocks over this rank's pool shards (see the module docstring)."""
 
-    def __init__(self, cfg: SparsityConfig, shards: list[PoolShard],
+    def __init__(self, cfg: BlockDSLConfig, shards: list[PoolShard],
                  geometries: dict[str, PoolGeometry], groups: list[Group],
                  ctx: DistContext, seed: int, init_std: float, controller: Controller,
                  hooks: PoolKernelHooks) -> None:
-        self.cfg, self.shards, self.geometries, self.groups = cfg, shards, geometries, groups
-        self.ctx, self.seed, self.controller, self.hooks = ctx, seed, controller, hooks
-        self.block = cfg.block.size
-        self.table_blocks = {n: g.num_rows * g.blocks_per_row for n, g in geometries.items()}
-        self.position_bits = max(1, sum(self.table_blocks.values()).bit_length())
+        super().__init__(cfg, shards, groups, {n: g.num_rows * g.blocks_per_row
+                                               for n, g in geometries.items()},
+                         cfg.block.size, ctx, seed, controller)
+        self.geometries, self.hooks = geometries, hooks
+        self.position_bits = max(1, sum(self.table_units.values()).bit_length())
         self._lay_out_initial(init_std)
-
-    @property
-    def budget(self) -> int:
-        """Active weights over the cluster."""
-        return sum(g.budget for g in self.groups) * self.block
-
-    def _members(self, group: Group) -> list[PoolShard]:
-        return [s for s in self.shards if s.table in group.tables]
 
     def _select(self, k: int, largest: bool, parts: list[Part]) -> list[torch.Tensor]:
         return select_across(parts, k, largest=largest, reduce_counts=self.ctx.all_reduce_sum,
@@ -117,7 +104,7 @@ class BlockDSL(SparsityMethod):
         budget. Active blocks take the initial values a dense table has there."""
         for group in self.groups:
             members = self._members(group)
-            total = sum(self.table_blocks[n] for n in group.tables)
+            total = sum(self.table_units[n] for n in group.tables)
             base = {n: math.floor(group.budget * g.blocks_per_row / total)
                     for n, g in self.geometries.items() if n in group.tables}
             extra = group.budget - sum(base[n] * self.geometries[n].num_rows
@@ -145,14 +132,8 @@ class BlockDSL(SparsityMethod):
             row_index, block_index = torch.nonzero(active, as_tuple=True)
             s.shard.weight[s.slots(rows[row_index], block_index)] = blocks[row_index, block_index]
 
-    def before_step(self, step: int) -> None:
-        self.hooks.capturing = (
-            (self.cfg.growth == "accumulated" and step % self.cfg.growth_every == 0)
-            or self.controller.schedule.is_update_step(step))
-
-    @torch.no_grad()
-    def after_optimizer_step(self, step: int) -> dict[str, Any] | None:
-        return self.update(step) if self.controller.schedule.is_update_step(step) else None
+    def capture_gradients(self, capturing: bool) -> None:
+        self.hooks.capturing = capturing
 
     def _drop_parts(self, members: list[PoolShard]) -> list[Part]:
         parts = []
@@ -178,10 +159,11 @@ class BlockDSL(SparsityMethod):
             parts.append(Part(scores, candidates, positions))
         return parts
 
-    def _drop_and_grow(self, members: list[PoolShard], k: int
-                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def drop_and_grow(self, group: Group, k: int, step: int
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The rows whose last block drops and those whose next block grows (k of each, fewer
         if fewer rows can), per member shard."""
+        members = self._members(group)
         drop_parts = self._drop_parts(members)
         count = torch.tensor([int(p.candidates.sum()) for p in drop_parts] or [0]).sum()
         k = min(k, int(self.ctx.all_reduce_sum(count.reshape(1))))
@@ -194,55 +176,30 @@ class BlockDSL(SparsityMethod):
                 return dropped, self._select(k, True, grow_parts)
             k = available
 
-    @torch.no_grad()
-    def update(self, step: int) -> dict[str, Any]:
-        started = time.perf_counter()
-        plan = self.controller.plan(step)
+    def move(self, group: Group, dropped: list[torch.Tensor], grown: list[torch.Tensor],
+             step: int) -> torch.Tensor:
+        """New widths: a dropped row loses its last block, a grown one gains its next."""
         moved = torch.zeros(3, dtype=torch.int64)  # dropped, grown, regrown blocks
-        for group, k in zip(self.groups, plan):
-            members = self._members(group)
-            dropped, grown = self._drop_and_grow(members, k)
-            for s, drop, grow in zip(members, dropped, grown):
-                widths = s.widths.to(torch.int16) - drop.to(torch.int16) + grow.to(torch.int16)
-                regrown = grow & (widths - 1 < s.high_water.to(torch.int16))
-                moved += torch.tensor([int(drop.sum()), int(grow.sum()), int(regrown.sum())])
-                s.set_widths(widths.to(torch.uint8))
+        for s, drop, grow in zip(self._members(group), dropped, grown):
+            widths = s.widths.to(torch.int16) - drop.to(torch.int16) + grow.to(torch.int16)
+            regrown = grow & (widths - 1 < s.high_water.to(torch.int16))
+            moved += torch.tensor([int(drop.sum()), int(grow.sum()), int(regrown.sum())])
+            s.set_widths(widths.to(torch.uint8))
+        return moved
+
+    def clear_statistics(self) -> None:
         for s in self.shards:
             s.grow_next.zero_()
             s.grow_last.zero_()
-        active, digest = self.active_per_table()
-        dropped_total, grown_total, regrown_total = (int(x) for x in self.ctx.all_reduce_sum(moved))
-        record = {"step": step, "budget": self.budget, "active": sum(active.values()),
-                  "dropped": dropped_total * self.block, "grown": grown_total * self.block,
-                  "regrown": regrown_total * self.block,
-                  "fraction": self.controller.schedule.fraction(step),
-                  "density": {t: active[t] / (self.table_blocks[t] * self.block)
-                              for t in self.table_blocks},
-                  "mask_digest": digest, "seconds": time.perf_counter() - started,
-                  "blocks": {"size": self.block, "planned": sum(plan), "moved": grown_total}}
-        self.controller.record(record)
-        return record
 
-    def active_per_table(self) -> tuple[dict[str, int], str]:
-        """Active weights of each pooled table over the cluster, and a digest of the layout:
-        the sum of a 32-bit hash of every active block's global position."""
-        names = list(self.table_blocks)
-        local = torch.zeros(len(names) + 1, dtype=torch.int64)
+    def local_active(self) -> Iterator[tuple[str, int, int]]:
         for s in self.shards:
-            blocks, digest = s.active_digest()
-            local[names.index(s.table)] += blocks * self.block
-            local[-1] += digest
-        total = self.ctx.all_reduce_sum(local)
-        return {name: int(total[i]) for i, name in enumerate(names)}, f"{int(total[-1]):x}"
+            yield (s.table, *s.active_digest())
 
-    def memory_bytes(self) -> int:
+    def state_tensors(self, shard: PoolShard) -> tuple[torch.Tensor, ...]:
         """Per-row layouts and statistics (the pools are the tables themselves)."""
-        return sum(t.numel() * t.element_size() for s in self.shards
-                   for t in (s.widths, s.rowptr, s.grow_next, s.grow_last, s.high_water))
+        return shard.widths, shard.rowptr, shard.grow_next, shard.grow_last, shard.high_water
 
-    def register_state(self, store: CheckpointStore) -> None:
-        store.register("sparsity", LayoutState(self.shards, self.geometries, self.ctx),
-                       sharded=True)
-        store.register("sparsity_blocks", BlockValues(self.shards, self.geometries, self.ctx),
-                       sharded=True)
-        store.register("controller", self.controller, sharded=False)
+    def checkpoint_components(self) -> dict[str, Any]:
+        return {"sparsity": LayoutState(self.shards, self.geometries, self.ctx),
+                "sparsity_blocks": BlockValues(self.shards, self.geometries, self.ctx)}

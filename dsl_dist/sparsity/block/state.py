@@ -19,21 +19,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
-from torch.distributed._shard.sharding_spec import ShardMetadata
 
 from dsl_dist.distributed import DistContext
 from dsl_dist.sparsity.block.pool import PoolGeometry
 from dsl_dist.sparsity.block.shard import PoolShard
-
-
-def _sharded(pieces: list[tuple[torch.Tensor, list[int]]], shape: list[int],
-             ctx: DistContext) -> ShardedTensor:
-    """A tensor of `shape` whose local pieces are (tensor, offsets) of this rank."""
-    local = [Shard(tensor, ShardMetadata(offsets, list(tensor.shape),
-                                         f"rank:{ctx.rank}/{ctx.device}"))
-             for tensor, offsets in pieces if tensor.numel()]
-    return ShardedTensor._init_from_local_shards(local, shape, process_group=ctx.group)
+from dsl_dist.sparsity.engine import sharded_state
 
 
 class LayoutState:
@@ -48,7 +38,7 @@ class LayoutState:
         for table, geometry in self.geometries.items():
             mine = [s for s in self.shards if s.table == table]
             for kind in PoolShard.STATE:
-                state[f"{table}.{kind}"] = _sharded(
+                state[f"{table}.{kind}"] = sharded_state(
                     [(getattr(s, kind), [s.first_row]) for s in mine], [geometry.num_rows],
                     self.ctx)
         return state
@@ -93,7 +83,7 @@ class BlockValues:
         for table, (total, columns, starts) in self._layout().items():
             mine = [s for s in self.shards if s.table == table]
             for index, width in enumerate(columns):
-                state[f"{table}.{index}"] = _sharded(
+                state[f"{table}.{index}"] = sharded_state(
                     [(s.tensors()[index][:s.active_blocks], [starts[s.first_row], 0])
                      for s in mine], [total, width], self.ctx)
         return state

@@ -12,7 +12,7 @@ row's mask hands the fused optimizer a gradient that is zero at pruned positions
 Adagrad then leave them at zero, and row-wise Adagrad's accumulator sees only active weights.
 Features with longer bags share a pooled gradient between rows, so their rows are re-masked
 after the step instead (`take_touched_rows`), as are all rows when `mask_gradients` is off
-(the default: see `SparsityConfig.mask_gradients`). Data-parallel tables are dense
+(the default: see `UnstructuredConfig.mask_gradients`). Data-parallel tables are dense
 parameters: their gradient is read directly and they are re-masked whole.
 """
 
