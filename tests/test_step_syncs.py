@@ -16,11 +16,12 @@ from ranks import run_ranks
 from test_config import load
 
 MODELS = {"mf": ["model=mf"], "lightgcn": ["model=lightgcn"]}
-METHODS = {"dense": ["sparsity=dense"],
-           "dsl": ["sparsity=dsl", "sparsity.density=0.2"],
-           "block_dsl": ["sparsity=block_dsl", "sparsity.density=0.2"]}
 DELTA_T, WINDOW = 6, 4
 """An update at step DELTA_T, then WINDOW counted steps before the next one."""
+METHODS = {"dense": ["sparsity=dense"],
+           "dsl": ["sparsity=dsl", "sparsity.density=0.2", f"sparsity.delta_t={DELTA_T}"],
+           "block_dsl": ["sparsity=block_dsl", "sparsity.density=0.2",
+                         f"sparsity.delta_t={DELTA_T}"]}
 OPS_RATIO = 1.2
 FBGEMM = "fbgemm_gpu/split_table_batched_embeddings_ops_training.py"
 TORCHREC_SYNCS = {("_local_scalar_dense", f"{FBGEMM}:forward"), ("cpu", f"{FBGEMM}:forward"),
@@ -61,7 +62,7 @@ def run_counts(tmp_path: Path, model: str, method: str, sync_in_step: bool = Fal
     name = f"{model}-{method}{'-synced' if sync_in_step else ''}"
     overrides = [f"data.source={SHARED_DATA / 'lastfm'}", f"data.path={tmp_path / 'lastfm'}",
                  f"run_dir={tmp_path / name}", "train.progress=false",
-                 f"sparsity.delta_t={DELTA_T}", "checkpoint.every=0", "eval.every_epochs=0",
+                 "checkpoint.every=0", "eval.every_epochs=0",
                  *MODELS[model], *METHODS[method]]
     return run_ranks(count_steady_steps, 1, tmp_path / f"out-{name}", overrides,
                      sync_in_step)[0]
