@@ -40,8 +40,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, partial or corrupt (the message names the file)."""
 
 
-WATCHING = ("log_every", "progress", "progress_every_s", "tensorboard")
-"""Settings of `train` that only change how a run is watched, which a resume may change."""
+WATCHING = ("log_every", "progress", "progress_every_s", "tensorboard", "pipeline")
+"""Settings of `train` that only change how a run is watched or how its steps are scheduled
+(not what they compute), which a resume may change."""
 
 
 def fingerprint(cfg: JobConfig) -> dict[str, Any]:
@@ -207,3 +208,19 @@ class CheckpointStore:
             return bool(json.loads((path / META).read_text()).get("finished"))
         except (OSError, json.JSONDecodeError):
             return False
+
+
+class OptimizerState:
+    """An unfused optimizer as a checkpoint component. Adam's state appears at its first step,
+    so a resume, which asks for the state before any step, creates it to load into."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.optimizer.state:
+            self.optimizer.init_state()
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)

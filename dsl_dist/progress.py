@@ -39,7 +39,7 @@ class ProgressBar:
         self._bar: Optional[tqdm] = None
         self._epoch, self._done, self._total, self._first = 0, 0, 0, 0
         self._started = self._shown = 0.0
-        self._loss = float("nan")
+        self._loss: Any = float("nan")
 
     def write(self, event: str, fields: dict[str, Any]) -> None:
         """Run log sink: keeps the dropped/grown counts of the latest update."""
@@ -57,7 +57,8 @@ class ProgressBar:
                              file=self.stream, leave=False, dynamic_ncols=True,
                              mininterval=REFRESH_S)
 
-    def step(self, loss: float) -> None:
+    def step(self, loss: Any) -> None:
+        """One more step done; `loss` (a float or a 0-d tensor, read only when shown)."""
         self._done += 1
         self._loss = loss
         now = time.monotonic()
@@ -95,7 +96,7 @@ class ProgressBar:
     def _figures(self, now: float) -> str:
         rate = (self._done - self._first) * self.samples_per_step / max(now - self._started,
                                                                          1e-9)
-        text = f"loss {self._loss:.4f}, {rate:,.0f} samples/s"
+        text = f"loss {float(self._loss):.4f}, {rate:,.0f} samples/s"
         if self.last_update is not None:
             dropped, grown = self.last_update
             text += f", update -{dropped:,} +{grown:,}"

@@ -5,14 +5,15 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from omegaconf import OmegaConf
 from torchrec import KeyedJaggedTensor
 
 from dsl_dist.best import BestEvaluation
-from dsl_dist.checkpoint import CheckpointStore, ConfigFingerprint, complete_checkpoints
+from dsl_dist.checkpoint import (CheckpointStore, ConfigFingerprint, OptimizerState,
+                                 complete_checkpoints)
 from dsl_dist.cli import hydra_entry
 from dsl_dist.config import DropAndGrowConfig, JobConfig
 from dsl_dist.config.registry import SPARSITY_METHODS, load
@@ -29,27 +30,12 @@ from dsl_dist.model.base import PAIRS
 from dsl_dist.model.registry import build_model, prepare_model_data
 from dsl_dist.model.sharding import dense_optimizer, embedding_tables, shard_model
 from dsl_dist.model.shards import init_normal_, local_table_shards
+from dsl_dist.pipeline import PipelinedSteps, TrainedStream, chosen_pipeline, host_batches
 from dsl_dist.progress import ProgressBar
 from dsl_dist.run_log import RunDirError, RunLog, run_dir_of
 from dsl_dist.sparsity.base import SparsitySetup
 from dsl_dist.sparsity.schedule import UpdateSchedule
 from dsl_dist.tensorboard_log import TensorBoardSink
-
-
-class OptimizerState:
-    """An unfused optimizer as a checkpoint component. Adam's state appears at its first step,
-    so a resume, which asks for the state before any step, creates it to load into."""
-
-    def __init__(self, optimizer: Any) -> None:
-        self.optimizer = optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        if not self.optimizer.state:
-            self.optimizer.init_state()
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
 
 
 class TrainingProgress:
@@ -101,6 +87,7 @@ class Trainer:
         if hasattr(method, "transform_model"):
             module = method.transform_model(cfg.sparsity, module)
         self.stream = self._stream(module.batches)
+        self.host_batch = module.host_batch
         tables = embedding_tables(module)
         torch.manual_seed(cfg.train.seed)  # dense layers (DDP then copies rank 0's everywhere)
         self.model = shard_model(module, cfg.model, cfg.train, ctx)
@@ -119,6 +106,10 @@ class Trainer:
             self.total_steps, self.dense_optimizer, connect=lambda budgets, unit: (
                 connect_controller(cfg.control, ctx, self.schedule, budgets, unit))))
         self.best = (BestEvaluation(cfg.eval.select_metric) if cfg.eval.select_split else None)
+        self.pipeline = None if chosen_pipeline(cfg.train.pipeline, ctx.world_size, ctx.device,
+                                                module.fx_traceable) == "plain" else PipelinedSteps(
+            self.model, ctx.device, lambda: self.sparsity.before_step(self.step + 1),
+            self._after_backward)
         self._register_state()
         release_freed_memory()
         self._log_memory(baseline_rss_mb)
@@ -155,7 +146,7 @@ class Trainer:
         store = self.checkpoints
         store.register("config", ConfigFingerprint(self.cfg), sharded=False)
         store.register("progress", self.progress, sharded=False)
-        store.register("stream", self.stream, sharded=False)
+        store.register("stream", TrainedStream(self.stream, self.progress), sharded=False)
         store.register("model", self.model, sharded=True)
         store.register("optimizer", self.model.fused_optimizer, sharded=True)
         if self.dense_optimizer is not None:
@@ -182,16 +173,38 @@ class Trainer:
         stream.steps_per_epoch = ctx.all_reduce_min(stream.local_steps)
         return stream
 
+    def batches(self) -> Iterator[KeyedJaggedTensor]:
+        """The rest of the stream's epoch as the model takes it (`host_batch`), built on the
+        host, in pinned memory on CUDA so that `train_step` copies it without waiting."""
+        return host_batches(self.stream, self.host_batch, pin=self.ctx.device.type == "cuda")
+
+    def _losses(self) -> Iterator[torch.Tensor]:
+        """The rest of the epoch's steps, one loss (on the device) each, run as
+        `train.pipeline` says (dsl_dist/pipeline.py)."""
+        if self.pipeline is None:
+            return (self.train_step(batch) for batch in self.batches())
+        return (self._finish_step(loss) for loss in self.pipeline.losses(self.batches()))
+
     def train_step(self, batch: KeyedJaggedTensor) -> torch.Tensor:
         """Forward, backward (which also updates the fused embedding tables), dense update,
-        then the sparsity method's step (and, at its update steps, drop-and-grow)."""
+        then the sparsity method's step (and, at its update steps, drop-and-grow). `batch`:
+        one of `batches()`. Returns the loss, on the device."""
         self.sparsity.before_step(self.step + 1)
-        loss = self.model(batch.to(self.ctx.device))
+        loss = self.model(batch.to(self.ctx.device, non_blocking=True))
         loss.backward()
+        self._after_backward()
+        return self._finish_step(loss)
+
+    def _after_backward(self) -> None:
+        """The step's dense update (the tables' fused optimizer has run in the backward)."""
         self.sparsity.after_backward()
         if self.dense_optimizer is not None:
             self.dense_optimizer.step()
             self.dense_optimizer.zero_grad()
+
+    def _finish_step(self, loss: torch.Tensor) -> torch.Tensor:
+        """After the step's update: the sparsity method's step and, at its update steps,
+        drop-and-grow."""
         self.progress.step += 1
         self.log.claim()
         # what an update's peak is measured against (its extra memory); read at update steps
@@ -217,19 +230,23 @@ class Trainer:
             self.bar.start(epoch, progress.epoch_steps, min(
                 self.stream.steps_per_epoch,
                 progress.epoch_steps + self.total_steps - self.step))
-        for batch in self.stream:
-            loss = self.train_step(batch).item()
+        # the loss stays on the device, summed there; the host reads it at log points only
+        epoch_loss = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        for loss in self._losses():
+            epoch_loss += loss
             if self.bar:
                 self.bar.step(loss)
-            progress.epoch_loss += loss
             progress.epoch_steps += 1
             steps += 1
             if self.cfg.train.log_every and self.step % self.cfg.train.log_every == 0:
-                self.log.print(f"step {self.step} loss {loss:.4f}")
+                self.log.print(f"step {self.step} loss {float(loss):.4f}")
             if self.step >= self.total_steps:
                 break
             if every and self.step % every == 0:
+                progress.epoch_loss += float(epoch_loss)
+                epoch_loss.zero_()
                 self.save_checkpoint()
+        progress.epoch_loss += float(epoch_loss)
         seconds = time.perf_counter() - started
         if self.bar:
             self.bar.end()

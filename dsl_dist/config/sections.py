@@ -16,6 +16,7 @@ OPTIMIZERS = ("rowwise_adagrad", "adagrad", "adam", "sgd")
 CPU_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 """FBGEMM's CPU kernels have no fused Adam."""
 DENSE_OPTIMIZERS = ("adagrad", "adam", "sgd")
+PIPELINES = ("auto", "plain", "sparse_dist")
 
 
 @dataclass
@@ -180,9 +181,16 @@ class TrainConfig:
     """Where stdout is not a terminal, the bar is a plain line every this many seconds."""
     tensorboard: bool = True
     """TensorBoard event files under <run_dir>/tensorboard (see dsl_dist/tensorboard_log.py)."""
+    pipeline: str = "auto"
+    """How steps run: plain (one after another), sparse_dist (TorchRec's
+    TrainPipelineSparseDist: the next batches' copy and input distribution overlap the
+    current step) or auto (sparse_dist for several ranks on CUDA, plain otherwise); see
+    dsl_dist/pipeline.py."""
 
     def validate(self) -> None:
         require(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
+        require(self.pipeline in PIPELINES, "train.pipeline", f"must be one of {PIPELINES}",
+                self.pipeline)
         require(self.max_steps is None or self.max_steps >= 1, "train.max_steps",
                  "must be >= 1 or null", self.max_steps)
         require(self.optimizer in OPTIMIZERS, "train.optimizer", f"must be one of {OPTIMIZERS}",

@@ -5,7 +5,8 @@ its embedding tables (TorchRec `EmbeddingBagCollection`s) from outside and repli
 so nothing in a model knows about ranks. It offers three things:
 
 - `forward(batch)`: the training loss of one rank's batch (called through the DMP wrapper, so
-  that DDP synchronises the dense layers' gradients);
+  that DDP synchronises the dense layers' gradients), as `host_batch` built it from the
+  stream's batch on the host;
 - `item_side(device, chunk)`: whatever scoring needs about all items, computed once per
   evaluation;
 - `user_side(items, users, history)`: whatever scoring needs about some users;
@@ -35,9 +36,17 @@ class Recommender(nn.Module):
 
     batches: ClassVar[str] = PAIRS
     """Which stream feeds the model: PAIRS or HISTORIES."""
+    fx_traceable: bool = False
+    """Whether torch.fx can trace `forward` (TorchRec's TrainPipelineSparseDist traces it to
+    start the next batch's input distribution early: train.pipeline)."""
 
     def forward(self, batch: KeyedJaggedTensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def host_batch(self, batch: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """A stream's batch as `forward` takes it, built on the host where the data is read
+        (before the copy to the device), so that the step itself reads nothing back."""
+        return batch
 
     def item_side(self, device: torch.device, chunk: int) -> Any:
         raise NotImplementedError

@@ -62,6 +62,7 @@ class LightGCN(Recommender):
                                        num_embeddings=num_items, feature_names=item_features)],
             is_weighted=self.bags, device=device)
         self.keys = collection_keys(self.embeddings)
+        self.fx_traceable = self.bags  # full propagation builds its lookups in forward
 
     def _graph_on(self, device: torch.device) -> PropagationBags | torch.Tensor:
         if self.bags:
@@ -70,24 +71,40 @@ class LightGCN(Recommender):
             self.graph = self.graph.to(device)
         return self.graph
 
-    def _propagated_bags(self, nodes: dict[str, torch.Tensor]
-                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Final and layer-0 embeddings of `nodes` ({role: ids}; the user role's ids are
-        users, the others items), all of the same length."""
+    def _bag_batch(self, nodes: dict[str, torch.Tensor]) -> KeyedJaggedTensor:
+        """The lookups of `nodes` ({role: ids on the host}; the user role's ids are users, the
+        others items, all of the same length): each node's own row and its two bags."""
         bags: PropagationBags = self.graph
-        stride = len(next(iter(nodes.values())))
         parts = {}
         for role, ids in nodes.items():
             to_users, to_items = ((bags.user_to_users, bags.user_to_items) if role == USER_FEATURE
                                   else (bags.item_to_users, bags.item_to_items))
             parts[role] = (ones(len(ids), ids.device), ids, None)
-            parts[role + _USERS] = _on(to_users.gather(ids.cpu()), ids.device)
-            parts[role + _ITEMS] = _on(to_items.gather(ids.cpu()), ids.device)
-        out = self.embeddings(feature_batch(self.keys, stride, parts, weighted=True))
-        ego = {role: out[role] for role in nodes}
-        final = {role: bags.self_weight * ego[role] + out[role + _USERS] + out[role + _ITEMS]
-                 for role in nodes}
+            parts[role + _USERS] = to_users.gather(ids)
+            parts[role + _ITEMS] = to_items.gather(ids)
+        return feature_batch(self.keys, len(next(iter(nodes.values()))), parts, weighted=True)
+
+    def _propagated_bags(self, batch: KeyedJaggedTensor, roles: list[str]
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Final and layer-0 embeddings of the nodes of `roles` in a `_bag_batch`."""
+        out = self.embeddings(batch)
+        ego = {role: out[role] for role in roles}
+        final = {role: self.graph.self_weight * ego[role] + out[role + _USERS]
+                 + out[role + _ITEMS] for role in roles}
         return final, ego
+
+    def _propagated_ids(self, role: str, ids: torch.Tensor) -> torch.Tensor:
+        """Final embeddings of the nodes `ids` (on the device) of one role (evaluation: the
+        ids go to the host for their bags and back)."""
+        batch = self._bag_batch({role: ids.cpu()}).to(ids.device)
+        return self._propagated_bags(batch, [role])[0][role]
+
+    def host_batch(self, batch: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """bags: the stream's (user, item, negatives) with every node's bags, gathered here on
+        the host."""
+        if not self.bags:
+            return batch
+        return self._bag_batch({role: batch[role].values() for role in self._roles})
 
     def _propagated_full(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(final, layer-0) embeddings of all nodes, users first: one lookup of every row of
@@ -102,18 +119,20 @@ class LightGCN(Recommender):
         ego = out[USER_FEATURE] + out[ITEM_FEATURE]
         return propagate(self._graph_on(device), ego, self.num_layers), ego
 
+    @property
+    def _roles(self) -> list[str]:
+        return [USER_FEATURE, ITEM_FEATURE, *self.negative_features]
+
     def forward(self, batch: KeyedJaggedTensor) -> torch.Tensor:
-        users, items = batch[USER_FEATURE].values(), batch[ITEM_FEATURE].values()
-        negatives = [batch[f].values() for f in self.negative_features]
         if self.bags:
-            final, ego = self._propagated_bags(
-                dict(zip([USER_FEATURE, ITEM_FEATURE, *self.negative_features],
-                         [users, items, *negatives])))
+            final, ego = self._propagated_bags(batch, self._roles)
             scored = [final[USER_FEATURE], final[ITEM_FEATURE],
                       torch.stack([final[f] for f in self.negative_features], 1)]
             own = [ego[USER_FEATURE], ego[ITEM_FEATURE],
                    torch.stack([ego[f] for f in self.negative_features], 1)]
         else:
+            users, items = batch[USER_FEATURE].values(), batch[ITEM_FEATURE].values()
+            negatives = [batch[f].values() for f in self.negative_features]
             final, ego = self._propagated_full(users.device)
             rows = [users, items + self.num_users,
                     torch.stack(negatives, 1) + self.num_users]
@@ -125,15 +144,15 @@ class LightGCN(Recommender):
         """Final embeddings of all items (bags), or of all nodes (full)."""
         if not self.bags:
             return self._propagated_full(device)[0]
-        return rows_in_chunks(self.num_items, chunk, device, lambda ids: self._propagated_bags(
-            {ITEM_FEATURE: ids})[0][ITEM_FEATURE])
+        return rows_in_chunks(self.num_items, chunk, device,
+                              lambda ids: self._propagated_ids(ITEM_FEATURE, ids))
 
     @torch.no_grad()
     def user_side(self, items: torch.Tensor, users: torch.Tensor,
                   history: KeyedJaggedTensor) -> torch.Tensor:
         if not self.bags:
             return items[users]
-        return self._propagated_bags({USER_FEATURE: users})[0][USER_FEATURE]
+        return self._propagated_ids(USER_FEATURE, users)
 
     @torch.no_grad()
     def score(self, items: torch.Tensor, users: torch.Tensor, start: int,
@@ -191,7 +210,3 @@ def build(cfg: JobConfig, manifest: Manifest, dataset_dir: Path) -> LightGCN:
     return LightGCN(manifest.num_users, manifest.num_items, cfg.model.embedding_dim,
                     cfg.data.num_negatives, cfg.train.l2_reg, g.num_layers, graph)
 
-
-def _on(bag: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-        device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(t.to(device) for t in bag)  # type: ignore[return-value]

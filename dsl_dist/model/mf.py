@@ -33,6 +33,8 @@ class MatrixFactorization(Recommender):
         loss = model(kjt)  # kjt: keys user, item, neg_0, one id per sample
     """
 
+    fx_traceable = True
+
     def __init__(self, num_users: int, num_items: int, embedding_dim: int, num_negatives: int,
                  l2_reg: float, device: torch.device = torch.device("meta")) -> None:
         super().__init__()

@@ -2,10 +2,11 @@
 
 Each kernel that looks pool shards up receives, after TorchRec's input distribution, the proxy
 ids of its rows under J block features per original feature (pool.py). A forward
-pre-hook hands the kernel the same bags with every id replaced by its block's slot, and
-without the ids of inactive blocks (an emptied bag pools to zeros, and nothing is updated
-there). While `capturing`, it also notes the ids of each row's last active block and of the
-block it would grow next; a hook on the kernel's output gradient then adds |gradient| summed
+pre-hook hands the kernel the same bags with every id replaced by its block's slot, or by the
+shard's zero slot where the block is inactive (it pools to zeros; whatever the optimizer then
+writes there is zeroed before the next lookup): the bags keep their sizes, so a step neither
+reads the device back nor makes shapes that depend on the data. While `capturing`, it also
+notes the ids of each row's last active block and of the block it would grow next; a hook on the kernel's output gradient then adds |gradient| summed
 over those blocks (per row: sum over the step's bags, absolute value, sum over the block's
 columns, as weight-level DSL scores each weight) into the shards' growth statistics.
 
@@ -15,14 +16,18 @@ of bags and ids: the hooks work on each run at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 from torchrec import KeyedJaggedTensor
 
 from dsl_dist.model.torchrec_internals import Kernel, kernel_tables
 from dsl_dist.sparsity.block.shard import PoolShard
+
+
+_CACHED = 8
+"""Per-id tensors a run keeps (for as many distinct batch shapes)."""
 
 
 @dataclass
@@ -35,6 +40,30 @@ class _Run:
     first_column: int
     width: int
     shard: Optional[PoolShard]
+    _per_bag: dict = field(default_factory=dict)
+    _per_id: dict = field(default_factory=dict)
+
+    def per_bag(self, kind: str, stride: int, device: torch.device) -> torch.Tensor:
+        """For each bag of the run's features (`stride` per feature), its `feature` (within
+        the run), its `block` position or its `bag` (sample) index; made once."""
+        key = (kind, stride, device)
+        if key not in self._per_bag:
+            feature = torch.arange(self.stop - self.first, device=device)
+            blocks = self.shard.geometry.blocks_per_row
+            of_feature = {"feature": feature, "block": feature % blocks,
+                          "bag": torch.zeros_like(feature)}[kind]
+            within = torch.arange(stride, device=device) if kind == "bag" else 0
+            self._per_bag[key] = (of_feature[:, None] + within).expand(-1, stride).reshape(-1)
+        return self._per_bag[key]
+
+    def per_id(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """make(), kept for the next lookups with the same ids per feature (the same `key`):
+        a stream of fixed-size batches computes it once."""
+        if key not in self._per_id:
+            if len(self._per_id) == _CACHED:
+                self._per_id.pop(next(iter(self._per_id)))  # the oldest
+            self._per_id[key] = make()
+        return self._per_id[key]
 
 
 @dataclass
@@ -47,6 +76,7 @@ class _Captured:
     columns: torch.Tensor
     """(ids, block) output columns of each id's block."""
     weights: Optional[torch.Tensor]
+    """The ids' per-sample weights (unweighted pools: None)."""
     next_block: torch.Tensor
     """True: the row's next block (grow_next); False: its last active block (grow_last)."""
 
@@ -76,74 +106,63 @@ class PoolKernelHooks:
     def _translate(self, kernel: Kernel, args: tuple) -> tuple:
         features: KeyedJaggedTensor = args[0]
         capture = self.capturing and torch.is_grad_enabled()
-        stride = features.stride()
-        lengths, offsets = features.lengths(), features.offset_per_key()
-        values, weights = features.values(), features.weights_or_none()
-        new_values, new_lengths, new_weights, captured = [], [], [], []
+        stride, offsets = features.stride(), features.offset_per_key()
+        lengths, values, weights = features.lengths(), features.values(), features.weights_or_none()
+        pieces, captured = [], []
         for run in self._runs[id(kernel)]:
-            blocks = run.shard.geometry.blocks_per_row if run.shard else run.stop - run.first
-            for f in range(run.first, run.stop, blocks):  # a virtual feature's J block features
-                ids = values[offsets[f]:offsets[f + 1]]  # block 0's ids: every block has them
-                w = None if weights is None else weights[offsets[f]:offsets[f + 1]]
-                bag_lengths = lengths[f * stride:(f + blocks) * stride]
-                if run.shard is None:
-                    new_values.append(values[offsets[f]:offsets[f + blocks]])
-                    new_lengths.append(bag_lengths)
-                    new_weights.append(None if weights is None else
-                                       weights[offsets[f]:offsets[f + blocks]])
-                    continue
-                parts = self._translate_feature(run, f - run.first, ids, w,
-                                                bag_lengths[:stride], stride, capture)
-                new_values.append(parts[0])
-                new_lengths.append(parts[1].to(lengths.dtype))
-                new_weights.append(parts[2])
-                if parts[3] is not None:
-                    captured.append(parts[3])
+            ids = values[offsets[run.first]:offsets[run.stop]]
+            if run.shard is None:
+                pieces.append(ids)
+                continue
+            run.shard.clear_zero_slot()
+            slots, part = translate_run(
+                run, ids, None if weights is None else
+                weights[offsets[run.first]:offsets[run.stop]],
+                features.length_per_key()[run.first:run.stop], lengths, stride, capture)
+            pieces.append(slots)
+            if part is not None:
+                captured.append(part)
         if captured:
             self._captured[id(kernel)] = captured
-        translated = KeyedJaggedTensor.from_lengths_sync(
-            keys=features.keys(), values=torch.cat(new_values), lengths=torch.cat(new_lengths),
-            weights=None if weights is None else torch.cat(new_weights))
+        translated = KeyedJaggedTensor(
+            keys=features.keys(), values=torch.cat(pieces) if len(pieces) > 1 else pieces[0],
+            weights=weights, lengths=lengths, offsets=features.offsets_or_none(),
+            stride=stride, length_per_key=features.length_per_key_or_none(),
+            offset_per_key=offsets)
         return (translated, *args[1:])
-
-    @staticmethod
-    def _translate_feature(run: _Run, feature: int, ids: torch.Tensor, w: torch.Tensor | None,
-                           bag_lengths: torch.Tensor, stride: int, capture: bool
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                      _Captured | None]:
-        """Slots, bag lengths and weights of one virtual feature's J block features (block
-        after block), and what growth wants of them. `feature`: its first block feature's
-        index within the run."""
-        shard = run.shard
-        rows = shard.local_rows(ids)
-        widths = shard.widths[rows].to(torch.int64)
-        block = torch.arange(shard.geometry.blocks_per_row, device=ids.device)[:, None]
-        keep = block < widths[None, :]  # (J, ids)
-        slots = (shard.rowptr[rows][None, :] + block)[keep]
-        single = len(ids) == stride and bool((bag_lengths == 1).all())
-        bags = None if single else torch.repeat_interleave(
-            torch.arange(stride, device=ids.device), bag_lengths, output_size=len(ids))
-        if single:
-            new_lengths = keep.flatten()
-        else:
-            new_lengths = torch.bincount((bags[None, :] + block * stride)[keep],
-                                         minlength=stride * len(block))
-        new_weights = None if w is None else w.expand(len(block), -1)[keep]
-        captured = None
-        if capture:
-            wanted = (widths[None, :] == block) | (widths[None, :] == block + 1)
-            which_block, which_id = torch.nonzero(wanted, as_tuple=True)
-            first_columns = run.first_column + (feature + which_block) * run.width
-            captured = _Captured(
-                shard, rows[which_id], which_id if single else bags[which_id],
-                first_columns[:, None] + torch.arange(run.width, device=ids.device)[None, :],
-                None if w is None else w[which_id], widths[which_id] == which_block)
-        return slots, new_lengths, new_weights, captured
 
     def _on_output(self, kernel: Kernel, args: tuple, output: torch.Tensor) -> None:
         captured = self._captured.pop(id(kernel), None)
         if captured and output.requires_grad:
             output.register_hook(lambda grad: _record(grad, captured))
+
+
+def translate_run(run: _Run, ids: torch.Tensor, weights: torch.Tensor | None,
+                  counts: list[int], lengths: torch.Tensor, stride: int, capture: bool
+                  ) -> tuple[torch.Tensor, _Captured | None]:
+    """The slots of a run's ids (`counts` per feature: its features' J block features,
+    block after block, all holding the proxies of their rows): the block's slot where it
+    is active, the zero slot where not; and, when capturing, what growth wants of them.
+    `lengths`: the kernel's bag lengths."""
+    shard = run.shard
+    bag_lengths = lengths[run.first * stride:run.stop * stride]
+    block = run.per_id((tuple(counts), ids.device), lambda: torch.repeat_interleave(
+        run.per_bag("block", stride, ids.device), bag_lengths, output_size=len(ids)))
+    rows = shard.local_rows(ids)
+    widths = shard.widths[rows]
+    slots = (shard.rowptr[rows] + block).masked_fill_(block >= widths, shard.zero_slot)
+    if not capture:
+        return slots, None
+    # the row's next block and its last active one (a sync, at capture steps only)
+    wanted = torch.nonzero((block == widths) | (block + 1 == widths)).flatten()
+    feature, bag = (torch.repeat_interleave(run.per_bag(kind, stride, ids.device),
+                                            bag_lengths, output_size=len(ids))[wanted]
+                    for kind in ("feature", "bag"))
+    columns = run.first_column + feature[:, None] * run.width + torch.arange(
+        run.width, device=ids.device)[None, :]
+    return slots, _Captured(shard, rows[wanted], bag, columns,
+                            None if weights is None else weights[wanted],
+                            widths[wanted] == block[wanted])
 
 
 @torch.no_grad()

@@ -66,6 +66,18 @@ class PoolGeometry:
         return (proxies * PROXY_SCALE + self.factor - 1) // self.factor
 
 
+@dataclass(frozen=True)
+class _Expansion:
+    """How a batch of some keys and stride becomes the pool's: features `order` (indices into
+    the batch's, repeated J times for a pooled one) under `keys`, each id times its feature's
+    factor (`bag_factors`: per bag) // PROXY_SCALE."""
+
+    keys: list[str]
+    order: list[int]
+    order_tensor: torch.Tensor
+    bag_factors: torch.Tensor
+
+
 def block_feature(feature: str, block: int) -> str:
     """The pool's feature for block position `block` of `feature`."""
     return f"{feature}#b{block}"
@@ -95,6 +107,7 @@ class BlockEmbeddingBagCollection(nn.Module):
                                            device=torch.device("meta"))
         self._dims = {f: t.embedding_dim for t in self._virtual_tables for f in t.feature_names}
         self._orders: dict[tuple[str, ...], tuple[list[str], list[int]]] = {}
+        self._expansions: dict[tuple[tuple[str, ...], int, torch.device], _Expansion] = {}
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         """The tables as the model declared them (N × D)."""
@@ -104,31 +117,43 @@ class BlockEmbeddingBagCollection(nn.Module):
         return self._weighted
 
     def _expand(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Every pooled feature as its J block features, each id as its row's proxy."""
-        lengths = features.lengths().view(-1, features.stride())
-        offsets = features.offset_per_key()
-        values, weights = features.values(), features.weights_or_none()
-        keys, parts = [], []
-        for f, key in enumerate(features.keys()):
-            part = (lengths[f], values[offsets[f]:offsets[f + 1]],
-                    None if weights is None else weights[offsets[f]:offsets[f + 1]])
-            geometry = self.pooled_features.get(key)
-            if geometry is None:
-                keys.append(key)
-                parts.append(part)
-                continue
-            proxied = (part[0], geometry.proxy(part[1]), part[2])
-            keys += [block_feature(key, j) for j in range(geometry.blocks_per_row)]
-            parts += [proxied] * geometry.blocks_per_row
-        return KeyedJaggedTensor.from_lengths_sync(
-            keys=keys, values=torch.cat([p[1] for p in parts]),
-            lengths=torch.cat([p[0] for p in parts]),
-            weights=None if weights is None else torch.cat([p[2] for p in parts]))
+        """Every pooled feature as its J block features, each id as its row's proxy: a
+        product per id and one permutation (with repeats) of the features, of sizes known on
+        the host, so that nothing is read back from the device."""
+        plan = self._expansion(tuple(features.keys()), features.stride(), features.device())
+        factors = torch.repeat_interleave(plan.bag_factors, features.lengths(),
+                                          output_size=features.values().numel())
+        proxied = KeyedJaggedTensor(
+            keys=features.keys(), values=features.values() * factors // PROXY_SCALE,
+            weights=features.weights_or_none(), lengths=features.lengths(),
+            stride=features.stride(), length_per_key=features.length_per_key())
+        expanded = proxied.permute(plan.order, plan.order_tensor)
+        return KeyedJaggedTensor(keys=plan.keys, values=expanded.values(),
+                                 weights=expanded.weights_or_none(), lengths=expanded.lengths(),
+                                 stride=features.stride(),
+                                 length_per_key=expanded.length_per_key())
+
+    def _expansion(self, keys: tuple[str, ...], stride: int, device: torch.device) -> _Expansion:
+        if (keys, stride, device) not in self._expansions:
+            order, factors, expanded = [], [], []
+            for f, key in enumerate(keys):
+                geometry = self.pooled_features.get(key)
+                factors.append(geometry.factor if geometry else PROXY_SCALE)
+                blocks = geometry.blocks_per_row if geometry else 1
+                order += [f] * blocks
+                expanded += [block_feature(key, j) for j in range(blocks)] if geometry \
+                    else [key]
+            self._expansions[(keys, stride, device)] = _Expansion(
+                expanded, order, torch.tensor(order, dtype=torch.int32, device=device),
+                torch.tensor(factors, device=device).repeat_interleave(stride))
+        return self._expansions[(keys, stride, device)]
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """The pool's output as it is: the J block features of a feature come out as
         consecutive columns, in order, which together are that feature's D-wide embedding."""
-        out = self.pool(self._expand(features))
+        return _virtual_output(self, self.pool(_expand(self, features)))
+
+    def _virtual_output(self, out: KeyedTensor) -> KeyedTensor:
         keys, dims = self._virtual_order(tuple(out.keys()))
         return KeyedTensor(keys=keys, length_per_key=dims, values=out.values())
 
@@ -151,6 +176,21 @@ class BlockEmbeddingBagCollection(nn.Module):
                 position += span
             self._orders[pool_keys] = (keys, dims)
         return self._orders[pool_keys]
+
+@torch.fx.wrap
+def _expand(collection: BlockEmbeddingBagCollection,
+            features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """collection._expand(features), one opaque call to FX tracing: TorchRec's train pipeline
+    traces the model (train.pipeline=sparse_dist) and cannot trace through the expansion, so
+    it runs the pool's input distribution in the step instead of ahead of it."""
+    return collection._expand(features)
+
+
+@torch.fx.wrap
+def _virtual_output(collection: BlockEmbeddingBagCollection, out: KeyedTensor) -> KeyedTensor:
+    """collection._virtual_output(out), opaque to FX tracing likewise."""
+    return collection._virtual_output(out)
+
 
 def pool_collections(model: nn.Module, names: set[str], block: int, density: float,
                      headroom: float) -> nn.Module:

@@ -7,6 +7,9 @@ an offset) and the slot of block j < widths[r] is rowptr[r] + j. An update chang
 width by at most one block; `set_widths` moves the kept blocks to the new layout in place,
 weights and optimizer state alike, a bounded chunk of rows at a time.
 
+The shard's last slot holds no block but zeros, looked up wherever a row's block is inactive
+(hooks.py), so that the lookups of a step have the shapes of dense's.
+
 The growth statistics are per row, in bfloat16: |gradient| summed over the block a row would
 grow next (`grow_next`, block widths[r]) and over its last active block (`grow_last`), which
 competes for regrowth when the update drops it (as a dropped weight does in weight-level DSL).
@@ -19,7 +22,7 @@ from typing import Iterator
 import torch
 
 from dsl_dist.model.shards import TableShard
-from dsl_dist.sparsity.block.pool import PoolGeometry
+from dsl_dist.sparsity.block.pool import PROXY_SCALE, PoolGeometry
 from dsl_dist.sparsity.selection.hashing import position_digest
 
 RELOCATION_ROWS = 1 << 16
@@ -46,6 +49,7 @@ class PoolShard:
         self.grow_last = torch.zeros(rows, dtype=torch.bfloat16, device=device)
         self.high_water = torch.zeros(rows, dtype=torch.uint8, device=device)
         """The widest each row has been: a block grown below it had been dropped before."""
+        self._zero_index: torch.Tensor | None = None
 
     @property
     def table(self) -> str:
@@ -61,7 +65,21 @@ class PoolShard:
 
     @property
     def capacity(self) -> int:
-        return self.shard.num_rows
+        """Slots that can hold blocks: all but the zero slot."""
+        return self.shard.num_rows - 1
+
+    def clear_zero_slot(self) -> None:
+        """Zeroes the zero slot's weights (one op)."""
+        if self._zero_index is None:
+            self._zero_index = torch.tensor([self.zero_slot], device=self.device)
+        self.shard.weight.index_fill_(0, self._zero_index, 0)
+
+    @property
+    def zero_slot(self) -> int:
+        """The shard's last slot, never a block's: the hooks send the ids of inactive blocks
+        there, so that every lookup keeps its shape (no data-dependent sizes in a step), and
+        zero it before every lookup (the optimizer may have moved it)."""
+        return self.shard.num_rows - 1
 
     @property
     def active_blocks(self) -> int:
@@ -97,8 +115,12 @@ class PoolShard:
         return self.block_base + (rows + self.first_row) * self.geometry.blocks_per_row + blocks
 
     def local_rows(self, proxies: torch.Tensor) -> torch.Tensor:
-        """This shard's rows of the (local) pool-row ids its kernel receives."""
-        return self.geometry.row_of(proxies + self.shard.row_offset) - self.first_row
+        """This shard's rows of the (local) pool-row ids its kernel receives:
+        row_of(proxies + row_offset) - first_row, with the offsets folded into one constant
+        (3 ops a lookup)."""
+        g = self.geometry
+        constant = self.shard.row_offset * PROXY_SCALE + g.factor - 1 - self.first_row * g.factor
+        return (proxies * PROXY_SCALE + constant) // g.factor
 
     def slots(self, rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """Slots of active blocks (local rows, block index < their width)."""
@@ -118,7 +140,7 @@ class PoolShard:
 
     def tensors(self) -> list[torch.Tensor]:
         """The per-slot tensors: weights and fused optimizer state, as (slots, columns)."""
-        return [self.shard.weight, *(s.view(self.capacity, -1)
+        return [self.shard.weight, *(s.view(self.shard.num_rows, -1)
                                      for s in self.shard.optimizer_states())]
 
     @torch.no_grad()

@@ -91,7 +91,8 @@ class BlockValues:
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Slots past the active blocks hold nothing: zero them, so that the layout is the
-        same as that of a run that never stopped."""
+        same as that of a run that never stopped (the zero slot keeps what the model's and
+        optimizer's own components restored: what its lookups left there)."""
         for s in self.shards:
             for tensor in s.tensors():
-                tensor[s.active_blocks:] = 0
+                tensor[s.active_blocks:s.capacity] = 0

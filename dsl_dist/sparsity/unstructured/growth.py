@@ -65,17 +65,22 @@ class GrowthRecorder:
         parts: dict[int, list[tuple[torch.Tensor, torch.Tensor, slice, Any]]] = defaultdict(list)
         targets: dict[int, MaskedShard] = {}
         masked: list[tuple[torch.Tensor, slice, MaskedShard]] = []  # (ids, columns, shard)
+        touched: dict[int, list[list[int]]] = defaultdict(list)  # value ranges, by shard
         column = 0
         for f, key in enumerate(features.keys()):
             width, shard = columns[key]
             if shard is not None:
-                ids = values[offsets[f]:offsets[f + 1]].long()
                 columns_f = slice(column, column + width)
-                single = ids.numel() == batch and bool((lengths[f] == 1).all())
-                if self.mask_gradients and single:
+                # whether every bag holds one id: a read of the device, asked only where
+                # gradients are masked (sparsity.mask_gradients; off by default)
+                single = (self.mask_gradients and offsets[f + 1] - offsets[f] == batch
+                          and bool((lengths[f] == 1).all()))
+                ids = values[offsets[f]:offsets[f + 1]].long() if single or self.capturing \
+                    else None
+                if single:
                     masked.append((ids, columns_f, shard))
                 else:
-                    self._touched[id(shard)].append(ids)
+                    _extend(touched[id(shard)], offsets[f], offsets[f + 1])
                 if self.capturing:  # bags: the sample of each id (None: sample i holds id i)
                     bags = None if single else torch.repeat_interleave(
                         torch.arange(batch, device=ids.device), lengths[f],
@@ -84,6 +89,8 @@ class GrowthRecorder:
                     parts[id(shard)].append((ids, bags, columns_f, sample_weights))
                     targets[id(shard)] = shard
             column += width
+        for key, ranges in touched.items():  # a shard's adjacent features in one slice
+            self._touched[key] += [values[start:stop].long() for start, stop in ranges]
         if parts or masked:
             output.register_hook(lambda grad: self._on_grad(grad, parts, targets, masked))
 
@@ -123,7 +130,15 @@ class GrowthRecorder:
         whose gradient could not be masked (with repeats: re-masking a row twice costs less
         than sorting the ids)."""
         ids = self._touched.pop(id(shard), [])
-        return torch.cat(ids) if ids else torch.empty(0, dtype=torch.int64)
+        return concat(ids) if ids else torch.empty(0, dtype=torch.int64)
+
+
+def _extend(ranges: list[list[int]], start: int, stop: int) -> None:
+    """Adds [start, stop) to `ranges`, joining it to the last range if they touch."""
+    if ranges and ranges[-1][1] == start:
+        ranges[-1][1] = stop
+    else:
+        ranges.append([start, stop])
 
 
 def _sample_gradients(grad: torch.Tensor, bags: torch.Tensor | None, columns: slice,
