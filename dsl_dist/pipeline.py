@@ -14,7 +14,7 @@ and the pipeline's bookkeeping costs more than it saves (issue 28's measurement 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -24,7 +24,12 @@ from dsl_dist.config import ConfigError
 
 if TYPE_CHECKING:
     from dsl_dist.data.stream import EpochStream
-    from dsl_dist.train import TrainingProgress
+
+
+class EpochSteps(Protocol):
+    """How many steps of the current epoch have trained (the loop's TrainingProgress)."""
+
+    epoch_steps: int
 
 
 def chosen_pipeline(setting: str, world_size: int, device: torch.device,
@@ -103,7 +108,7 @@ class TrainedStream:
     """The stream as a checkpoint component, at the batches trained: a pipeline has taken
     the next ones already (`train.pipeline=sparse_dist`), and a resume must train them."""
 
-    def __init__(self, stream: EpochStream, progress: TrainingProgress) -> None:
+    def __init__(self, stream: EpochStream, progress: EpochSteps) -> None:
         self.stream, self.progress = stream, progress
 
     def state_dict(self) -> dict[str, Any]:
