@@ -101,10 +101,10 @@ def overrides(mode: Mode, model: str, method: str, batch: int, pipeline: Optiona
     update_at = mode.windows[0] // 2
     return [f"+experiment={experiment}" if experiment else f"model={model}",
             f"sparsity={method}", *mode.data, f"data.batch_size={batch}", f"run_dir={run_dir}",
-            f"sparsity.delta_t={update_at}", f"sparsity.t_end={update_at}",
             "train.progress=false", "train.tensorboard=false", "train.log_every=0",
             "checkpoint.every=0",
-            *([f"sparsity.density={DENSITY}"] if method != "dense" else []),
+            *([f"sparsity.density={DENSITY}", f"sparsity.delta_t={update_at}",
+               f"sparsity.t_end={update_at}"] if method != "dense" else []),
             *([f"train.pipeline={pipeline}"] if pipeline else [])]
 
 

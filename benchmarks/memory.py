@@ -51,12 +51,15 @@ SYNTHETIC = {"users": 2_400_000, "items": 1_000_000, "train_per_user": 4, "zipf"
 RUNS = ["dense:1.0", "dsl:0.2", "dsl:0.1", "block_dsl:0.2", "block_dsl:0.1"]
 METHOD = {"dense": "dense", "dsl": "unstructured", "block_dsl": "structured"}
 COMMON = ["model.embedding_dim=64", "model.sharding_type=row_wise", "model.init_std=0.01",
-          "train.log_every=0", "sparsity.growth=accumulated", "sparsity.growth_every=10"]
+          "train.log_every=0"]
+SPARSE = ["sparsity.growth=accumulated", "sparsity.growth_every=10"]
+"""The sparse methods' settings (dense has none)."""
 DATA = {
     "synthetic": ["data.name=synthetic", "data.batch_size=4096", "train.max_steps=300",
-                  "sparsity.delta_t=50", "eval.max_users=20000", "eval.memory_mb=256"],
+                  "eval.max_users=20000", "eval.memory_mb=256"],
     "gowalla": ["+experiment=mf_gowalla", "train.epochs=2", "eval.every_epochs=0"],
 }
+SPARSE_DATA = {"synthetic": ["sparsity.delta_t=50"], "gowalla": []}
 
 
 def synthetic_dataset(directory: Path, seed: int = 0) -> Path:
@@ -96,11 +99,12 @@ def run(name: str, data: str, method: str, density: float, prepared: Optional[Pa
     """One job on `device`; `prepared`: the data set's directory, else the data config's
     own; `extra`: more overrides."""
     run_dir = REPO / "runs" / f"memory-{data}-{device}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    overrides = [*DATA[data], *COMMON, *extra, f"sparsity={method}", f"run_dir={run_dir}"]
+    overrides = [*DATA[data], *COMMON, f"sparsity={method}", f"run_dir={run_dir}"]
+    if method != "dense":
+        overrides += [*SPARSE, *SPARSE_DATA[data], f"sparsity.density={density}"]
+    overrides += extra
     if prepared is not None:
         overrides += [f"data.path={prepared}", f"data.source={prepared}"]
-    if method != "dense":
-        overrides.append(f"sparsity.density={density}")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", str(ranks(device)), "-m", "dsl_dist.train", *overrides]
     print(" ".join(command), flush=True)

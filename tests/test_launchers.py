@@ -109,7 +109,7 @@ class RayCluster:
 
     def __init__(self, nodes: int = 2, cpus: int = 1, auth: str = "disabled") -> None:
         self.temp_dir = tempfile.mkdtemp(prefix="dslray", dir="/tmp")  # short: socket paths
-        self.port, self.dashboard_port = free_port(), free_port()
+        self.port, self.dashboard_port, agent_port = free_port(), free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = environment(RAY_AUTH_MODE=auth)
@@ -119,9 +119,13 @@ class RayCluster:
         try:
             self._start("head", "--head", "--port", str(self.port),
                         "--dashboard-host", "127.0.0.1",
-                        "--dashboard-port", str(self.dashboard_port), *common)
+                        "--dashboard-port", str(self.dashboard_port),
+                        "--dashboard-agent-listen-port", str(agent_port), *common)
             self._wait_for(lambda: answers(f"{self.dashboard}/api/version"),
                            "the head's dashboard")
+            # the head gives a submitted job 10 s to find its agent: a slow start misses that
+            self._wait_for(lambda: answers(f"http://127.0.0.1:{agent_port}/api/healthz"),
+                           "the head's job agent")
             for node in range(1, nodes):
                 self._start(f"node{node}", "--address", self.address, *common)
             self._wait_for(lambda: self.nodes() == nodes or None, "every node")

@@ -10,6 +10,7 @@ from torch import nn
 
 import pytest
 
+from dsl_dist.config import ConfigError
 from dsl_dist.model.shards import DenseBlock
 from dsl_dist.sparsity.block.hooks import _Run, translate_run
 from dsl_dist.sparsity.block.pool import PoolGeometry
@@ -81,7 +82,7 @@ def test_block_layouts_move_keep_and_zero_blocks(device: torch.device) -> None:
                        torch.zeros(shard.shard.num_rows - shard.active_blocks, 2))
     positions = [row * 4 + block for row, width in enumerate(new) for block in range(width)]
     assert shard.active_digest() == (13, position_digest(torch.tensor(positions)))
-    with pytest.raises(RuntimeError, match="exceed"):
+    with pytest.raises(ConfigError, match="sparsity.block.headroom: too small for table t"):
         shard.set_widths(torch.full((8,), 4, dtype=torch.uint8, device=device))
 
 

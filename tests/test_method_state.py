@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from dsl_dist.serving.artifact import decode
-from dsl_dist.serving.method_state import UnknownState, encode_table, needed
+pytest.importorskip("safetensors", reason="the export format; absent from bare GPU images")
+from dsl_dist.serving.artifact import decode  # noqa: E402
+from dsl_dist.serving.method_state import UnknownState, encode_table, needed  # noqa: E402
 
 ROWS, DIM = 6, 8
 CFG = SimpleNamespace(model=SimpleNamespace(embedding_dim=DIM),

@@ -79,7 +79,8 @@ def train_sparse_and_check(overrides: list[str]) -> dict:
 
 DSL = ["sparsity=dsl", "sparsity.density=0.4", "sparsity.delta_t=4", "sparsity.growth=accumulated"]
 BLOCKS = ["sparsity=block_dsl", "sparsity.density=0.4", "sparsity.delta_t=4",
-          "sparsity.growth=accumulated", "sparsity.block.size=4"]
+          "sparsity.growth=accumulated", "sparsity.block.size=4",
+          "sparsity.block.headroom=0.25"]  # shards of 30 rows: 10% is a few blocks
 
 
 @pytest.mark.multiprocess

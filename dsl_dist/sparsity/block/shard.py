@@ -21,6 +21,7 @@ from typing import Iterator
 
 import torch
 
+from dsl_dist.config import ConfigError
 from dsl_dist.model.shards import TableShard
 from dsl_dist.sparsity.block.pool import PROXY_SCALE, PoolGeometry
 from dsl_dist.sparsity.selection.hashing import position_digest
@@ -154,9 +155,9 @@ class PoolShard:
         new_ptr = torch.zeros(self.num_rows + 1, dtype=torch.int32, device=self.device)
         torch.cumsum(widths, 0, dtype=torch.int32, out=new_ptr[1:])
         if int(new_ptr[-1]) > self.capacity:
-            raise RuntimeError(f"{self.table}: {int(new_ptr[-1])} active blocks exceed the "
-                               f"{self.capacity} slots of the shard at row {self.first_row}; "
-                               "raise sparsity.block.headroom")
+            raise ConfigError(f"sparsity.block.headroom: too small for table {self.table}: "
+                              f"{int(new_ptr[-1])} active blocks exceed the {self.capacity} "
+                              f"slots of its shard at row {self.first_row}; raise it")
         kept = torch.minimum(self.widths, widths)
         delta = new_ptr[:-1] - self.rowptr[:-1]
         tensors = self.tensors()

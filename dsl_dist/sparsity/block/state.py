@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from dsl_dist.config import ConfigError
 from dsl_dist.distributed import DistContext
 from dsl_dist.sparsity.block.pool import PoolGeometry
 from dsl_dist.sparsity.block.shard import PoolShard
@@ -49,9 +50,10 @@ class LayoutState:
             s.rowptr = torch.zeros(s.num_rows + 1, dtype=torch.int32, device=s.device)
             torch.cumsum(s.widths.to(torch.int32), 0, out=s.rowptr[1:])
             if s.active_blocks > s.capacity:
-                raise RuntimeError(f"{s.table}: the checkpoint's {s.active_blocks} blocks of rows "
-                                   f"[{s.first_row}, {s.end_row}) exceed this shard's "
-                                   f"{s.capacity} slots; raise sparsity.block.headroom")
+                raise ConfigError(f"sparsity.block.headroom: too small for table {s.table}: the "
+                                  f"checkpoint's {s.active_blocks} blocks of rows "
+                                  f"[{s.first_row}, {s.end_row}) exceed this shard's "
+                                  f"{s.capacity} slots; raise it")
 
 
 class BlockValues:
