@@ -78,11 +78,6 @@ def test_validation_names_the_key(override: str, key: str) -> None:
         cfg.validate()
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_every_model_is_a_config_group(model: str) -> None:
-    cfg = load(f"model={model}")
-    assert cfg.model.name == model
-    cfg.validate()
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fused Adam exists on CUDA")
@@ -106,25 +101,34 @@ def test_every_experiment_composes_and_validates(experiment: str, sparsity: str)
     assert type(cfg.sparsity) is SPARSITY_METHODS[sparsity].schema
 
 
-@pytest.mark.parametrize("name", list(SPARSITY_METHODS))
-def test_each_method_carries_only_its_own_settings(name: str) -> None:
-    """`sparsity=<name>` composes the method's schema: dense has no DSL field, and a setting
-    another method has is refused by key, naming the method's own."""
-    cfg = load(f"sparsity={name}")
+GROUPS = {"model": (MODELS, "mf"), "sparsity": (SPARSITY_METHODS, "dense")}
+"""The groups whose schema the option chooses, and the option with no settings of its own."""
+
+
+@pytest.mark.parametrize("group, name", [(g, n) for g, (table, _) in GROUPS.items()
+                                         for n in table])
+def test_each_option_carries_only_its_own_settings(group: str, name: str) -> None:
+    """`<group>=<name>` composes that model's or method's schema: dense has no DSL field, MF
+    no LightGCN section, and a setting another option has is refused by key."""
+    table, plain = GROUPS[group]
+    cfg = load(f"{group}={name}")
     cfg.validate()
-    assert type(cfg.sparsity) is SPARSITY_METHODS[name].schema and cfg.sparsity.name == name
-    fields = {f.name for f in dataclasses.fields(cfg.sparsity)}
-    assert (name == "dense") == (fields == {"name"})
-    foreign = {f.name for spec in SPARSITY_METHODS.values()
-               for f in dataclasses.fields(spec.schema)} - fields
+    section = getattr(cfg, group)
+    assert type(section) is table[name].schema and section.name == name
+    fields = {f.name for f in dataclasses.fields(section)}
+    assert (name == plain) == (fields == {f.name for f in dataclasses.fields(table[plain].schema)})
+    foreign = {f.name for spec in table.values() for f in dataclasses.fields(spec.schema)} - fields
+    assert foreign or len(table) == 1
     for key in sorted(foreign)[:3]:
-        with pytest.raises(ConfigError, match=rf"^unknown config key 'sparsity.{key}'"):
-            load(f"sparsity={name}", f"sparsity.{key}=1")
+        with pytest.raises(ConfigError, match=rf"^unknown config key '{group}.{key}'"):
+            load(f"{group}={name}", f"{group}.{key}=1")
 
 
-def test_a_name_that_is_not_the_composed_method_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"^sparsity.name='dsl': names another method"):
-        load("sparsity.name=dsl").validate()
+@pytest.mark.parametrize("group, other", [("model", "lightgcn"), ("sparsity", "dsl")])
+def test_a_name_that_is_not_the_composed_option_is_refused(group: str, other: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{group}.name='{other}': names another option "
+                                          rf".*choose it with {group}={other}$"):
+        load(f"{group}.name={other}").validate()
 
 
 def test_experiments_tune_each_method_apart() -> None:
@@ -140,14 +144,18 @@ def test_experiments_tune_each_method_apart() -> None:
     assert load("+experiment=mf_gowalla").sparsity.name == "dense"
 
 
-def test_a_saved_config_loads_in_its_methods_schema(tmp_path: Path) -> None:
-    for name in SPARSITY_METHODS:
-        saved = tmp_path / f"{name}.yaml"
-        saved.write_text(OmegaConf.to_yaml(OmegaConf.structured(load(f"sparsity={name}"))))
-        assert load_config(saved) == load(f"sparsity={name}")
-    saved.write_text(saved.read_text().replace(f"name: {name}", "name: unheard_of"))
-    with pytest.raises(ConfigError, match="sparsity.name='unheard_of' is not a known method"):
-        load_config(saved)
+def test_a_saved_config_loads_in_its_models_and_methods_schemas(tmp_path: Path) -> None:
+    for model, method in zip(MODELS, SPARSITY_METHODS):
+        saved = tmp_path / f"{model}-{method}.yaml"
+        composed = load(f"model={model}", f"sparsity={method}")
+        saved.write_text(OmegaConf.to_yaml(OmegaConf.structured(composed)))
+        assert load_config(saved) == composed
+    for group, noun in (("model", "model"), ("sparsity", "method")):
+        config = OmegaConf.structured(composed)
+        config[group].name = "unheard_of"
+        OmegaConf.save(config, saved)
+        with pytest.raises(ConfigError, match=f"{group}.name='unheard_of' is not a known {noun}"):
+            load_config(saved)
 
 
 def test_the_experiments_are_found() -> None:

@@ -26,6 +26,7 @@ from dsl_dist.serving.artifact import WEIGHTS, ArtifactError, decode, read_artif
 from dsl_dist.config.compose import load_config
 from dsl_dist.serving.export import ExportError, export, run_config
 from dsl_dist.serving.inference import UnknownUsers, load
+from dsl_dist.serving.models import NotServed, serving_module
 
 pytestmark = pytest.mark.multiprocess
 
@@ -161,19 +162,19 @@ def test_export_refuses_what_it_cannot_serve(lastfm_runs: dict[str, Path],
     with pytest.raises(ExportError, match="neither a run directory"):
         export(tmp_path, tmp_path / "out")
     config = lastfm_runs["mf-dense"] / "config.yaml"
-    cfg = load_config(config)
-    cfg.model.name = "neumf"
     other = tmp_path / "config.yaml"
     other.write_text(config.read_text().replace("name: mf", "name: neumf"))
+    neumf = load_config(other)  # in NeuMF's schema: its own section at its defaults
     with pytest.raises(ExportError, match="model.name='neumf': not exported: NeuMF scores "
                        "through an MLP"):
-        run_config(tmp_path, {"config": fingerprint(cfg)}, other)
-    cfg.model.name = "unheard_of"
-    other.write_text(config.read_text().replace("name: mf", "name: unheard_of"))
-    with pytest.raises(ExportError, match="model.name='unheard_of': no model spec"):
-        run_config(tmp_path, {"config": fingerprint(cfg)}, other)
+        run_config(tmp_path, {"config": fingerprint(neumf)}, other)
     with pytest.raises(ExportError, match="does not belong to"):
         run_config(tmp_path, {"config": fingerprint(load_config(config))}, other)
+    other.write_text(config.read_text().replace("name: mf", "name: unheard_of"))
+    with pytest.raises(ExportError, match="model.name='unheard_of' is not a known model"):
+        run_config(tmp_path, {"config": fingerprint(neumf)}, other)
+    with pytest.raises(NotServed, match="model.name='unheard_of': no model spec"):
+        serving_module("unheard_of")  # an artifact's model, as inference reads it
 
 
 def test_export_refuses_an_unknown_method_by_name(lastfm_runs: dict[str, Path],

@@ -9,16 +9,18 @@ changed default does not silently change a published figure.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
 
 from dsl_dist.config.checks import ConfigError, is_int, require
+from dsl_dist.config.models import (SHARDING_TYPES, LightGCNConfig, LightGCNModelConfig,
+                                    ModelConfig, MultVAEConfig, MultVAEModelConfig, NeuMFConfig,
+                                    NeuMFModelConfig)
 from dsl_dist.config.sections import (CPU_OPTIMIZERS, DENSE_OPTIMIZERS, OPTIMIZERS,
-                                      SHARDING_TYPES, CheckpointConfig, ControlConfig,
-                                      DataConfig, EvalConfig, LightGCNConfig, ModelConfig,
-                                      MultVAEConfig, NeuMFConfig, RayConfig, TrainConfig)
+                                      CheckpointConfig, ControlConfig, DataConfig, EvalConfig,
+                                      RayConfig, TrainConfig)
 from dsl_dist.config.registry import MODELS, SPARSITY_METHODS, sparsity_config
 from dsl_dist.config.sparsity import (BlockConfig, BlockDSLConfig, DropAndGrowConfig, DSLConfig,
                                       GradientGrowthConfig, SparsityConfig, UnstructuredConfig,
@@ -27,8 +29,9 @@ from dsl_dist.config.sparsity import (BlockConfig, BlockDSLConfig, DropAndGrowCo
 __all__ = ["CPU_OPTIMIZERS", "DENSE_OPTIMIZERS", "MODELS", "OPTIMIZERS", "SHARDING_TYPES",
            "SPARSITY_METHODS", "BlockConfig", "BlockDSLConfig", "CheckpointConfig",
            "ConfigError", "ControlConfig", "DSLConfig", "DataConfig", "DropAndGrowConfig",
-           "EvalConfig", "GradientGrowthConfig", "JobConfig", "LightGCNConfig", "ModelConfig",
-           "MultVAEConfig", "NeuMFConfig", "RayConfig", "SparsityConfig", "TrainConfig",
+           "EvalConfig", "GradientGrowthConfig", "JobConfig", "LightGCNConfig",
+           "LightGCNModelConfig", "ModelConfig", "MultVAEConfig", "MultVAEModelConfig",
+           "NeuMFConfig", "NeuMFModelConfig", "RayConfig", "SparsityConfig", "TrainConfig",
            "UnstructuredConfig", "check_schedule", "is_int", "register_configs", "require",
            "sparsity_config"]
 
@@ -37,6 +40,7 @@ __all__ = ["CPU_OPTIMIZERS", "DENSE_OPTIMIZERS", "MODELS", "OPTIMIZERS", "SHARDI
 class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The schema of the model `model=<name>` picks (MF: this base)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
@@ -50,15 +54,12 @@ class JobConfig:
     """torch.distributed backend: auto (nccl with CUDA, else gloo), gloo or nccl."""
 
     def validate(self) -> None:
+        for group, section, table in (("model", self.model, MODELS),
+                                      ("sparsity", self.sparsity, SPARSITY_METHODS)):
+            _require_schema(group, section.name, type(section), table)
         for section in (self.data, self.model, self.train, self.eval, self.checkpoint,
                         self.control, self.ray):
             section.validate()
-        spec = SPARSITY_METHODS.get(self.sparsity.name)
-        require(spec is not None, "sparsity.name",
-                f"known methods: {', '.join(SPARSITY_METHODS)}", self.sparsity.name)
-        require(type(self.sparsity) is spec.schema, "sparsity.name",
-                f"names another method than the settings composed ({type(self.sparsity).__name__}"
-                f"); choose a method with sparsity={self.sparsity.name}", self.sparsity.name)
         self.sparsity.validate(self.train.max_steps)
         require(self.backend in ("auto", "gloo", "nccl"), "backend", "must be auto, gloo or nccl",
                  self.backend)
@@ -69,10 +70,20 @@ class JobConfig:
                  f"FBGEMM on CPU offers {CPU_OPTIMIZERS}", self.train.optimizer)
 
 
+def _require_schema(group: str, name: str, schema: type, table: Mapping[str, Any]) -> None:
+    """`group.name` is registered, and the section was composed in its spec's schema."""
+    spec = table.get(name)
+    require(spec is not None, f"{group}.name", f"known: {', '.join(table)}", name)
+    require(schema is spec.schema, f"{group}.name",
+            f"names another option than the settings composed ({schema.__name__}); choose it "
+            f"with {group}={name}", name)
+
+
 def register_configs() -> None:
-    """Registers the schema that `configs/config.yaml` extends and, per method, the schema
-    its option `configs/sparsity/<name>.yaml` extends (`<name>_schema`)."""
+    """Registers the schema that `configs/config.yaml` extends and, per model and per method,
+    the schema its option `configs/<group>/<name>.yaml` extends (`<name>_schema`)."""
     store = ConfigStore.instance()
     store.store(name="job_schema", node=JobConfig)
-    for name, spec in SPARSITY_METHODS.items():
-        store.store(group="sparsity", name=f"{name}_schema", node=spec.schema(name=name))
+    for group, table in (("model", MODELS), ("sparsity", SPARSITY_METHODS)):
+        for name, spec in table.items():
+            store.store(group=group, name=f"{name}_schema", node=spec.schema(name=name))

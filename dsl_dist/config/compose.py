@@ -18,7 +18,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from dsl_dist.config import SPARSITY_METHODS, ConfigError, JobConfig, register_configs
+from dsl_dist.config import MODELS, SPARSITY_METHODS, ConfigError, JobConfig, register_configs
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 """The repository's Hydra configs, found from this file, not from the working directory (which
@@ -96,15 +96,19 @@ def compose_job(overrides: list[str]) -> JobConfig:
 
 
 def load_config(path: Path) -> JobConfig:
-    """A run's saved config.yaml as the typed JobConfig, its sparsity section in the schema of
-    the method it names (ConfigError in one line)."""
+    """A run's saved config.yaml as the typed JobConfig, its model and sparsity sections in the
+    schemas of the model and the method they name (ConfigError in one line)."""
     try:
         saved = OmegaConf.load(path)
-        name = OmegaConf.select(saved, "sparsity.name", default="dense")
-        if name not in SPARSITY_METHODS:
-            raise ConfigError(f"{path}: sparsity.name={name!r} is not a known method "
-                              f"({', '.join(SPARSITY_METHODS)})")
-        schema = OmegaConf.structured(JobConfig(sparsity=SPARSITY_METHODS[name].schema()))
+        schemas = {}
+        for group, table, default, noun in (("model", MODELS, "mf", "model"),
+                                            ("sparsity", SPARSITY_METHODS, "dense", "method")):
+            name = OmegaConf.select(saved, f"{group}.name", default=default)
+            if name not in table:
+                raise ConfigError(f"{path}: {group}.name={name!r} is not a known {noun} "
+                                  f"({', '.join(table)})")
+            schemas[group] = table[name].schema(name=name)
+        schema = OmegaConf.structured(JobConfig(**schemas))
         return OmegaConf.to_object(OmegaConf.merge(schema, saved))  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{path}: {_one_line(exc)}") from None

@@ -3,8 +3,9 @@ sparse-training methods (`sparsity=<name>`).
 
 A method's spec names the module that builds it, its config schema (the `sparsity` section
 it carries, registered as the schema of the Hydra group option of its name) and how its
-checkpoint state exports (a layout of dsl_dist/serving/method_state.py). A model's spec names the module that
-builds it and how serving scores it: a module of dsl_dist/serving, or why it is not served.
+checkpoint state exports (a layout of dsl_dist/serving/method_state.py). A model's spec names
+the module that builds it, its config schema (the `model` section, registered likewise) and
+how serving scores it: a module of dsl_dist/serving, or why it is not served.
 Importing a model or method module costs the seconds torchrec takes to import, so specs hold
 module paths, imported on use. A new model or method is one module plus one line here.
 
@@ -12,7 +13,8 @@ module paths, imported on use. A new model or method is one module plus one line
   Recommender` (the model on the meta device, ready for sharding) and may define
   `prepare_data(cfg: JobConfig, dataset_dir: Path) -> None`, which builds and caches what the
   model derives from the data set (one rank runs it before every rank builds the model). Its
-  own settings are the `ModelConfig` section of its name, if it has one.
+  own settings, if it has any, are the section of its name that its schema adds to
+  `ModelConfig` (dsl_dist/config/models.py).
 - A method module defines `build(setup: SparsitySetup) -> SparsityMethod`
   (dsl_dist/sparsity/base.py) and may define `transform_model(cfg: SparsityConfig, model:
   nn.Module) -> nn.Module`, applied to the plain model (on the meta device) before sharding.
@@ -28,6 +30,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Mapping, Optional, Union
 
+from dsl_dist.config.models import (LightGCNModelConfig, ModelConfig, MultVAEModelConfig,
+                                    NeuMFModelConfig)
 from dsl_dist.config.sparsity import BlockDSLConfig, DSLConfig, SETConfig, SparsityConfig
 
 
@@ -42,6 +46,7 @@ class MethodSpec:
 @dataclass(frozen=True)
 class ModelSpec:
     module: str
+    schema: type[ModelConfig] = ModelConfig
     serving: Optional[str] = None
     """The module that serves the model; None: not served, for the reason `not_served`."""
     not_served: str = ""
@@ -49,10 +54,11 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "mf": ModelSpec("dsl_dist.model.mf", serving="dsl_dist.serving.dot_product"),
-    "lightgcn": ModelSpec("dsl_dist.model.lightgcn", serving="dsl_dist.serving.lightgcn"),
-    "neumf": ModelSpec("dsl_dist.model.neumf", not_served=(
+    "lightgcn": ModelSpec("dsl_dist.model.lightgcn", LightGCNModelConfig,
+                          serving="dsl_dist.serving.lightgcn"),
+    "neumf": ModelSpec("dsl_dist.model.neumf", NeuMFModelConfig, not_served=(
         "NeuMF scores through an MLP over both embeddings, which serving does not implement")),
-    "multvae": ModelSpec("dsl_dist.model.multvae", not_served=(
+    "multvae": ModelSpec("dsl_dist.model.multvae", MultVAEModelConfig, not_served=(
         "Mult-VAE scores through its dense encoder and decoder, which serving does not "
         "implement")),
 }
