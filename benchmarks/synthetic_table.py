@@ -29,15 +29,13 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
-from dsl_dist.config import (ControlConfig, DropAndGrowConfig, ModelConfig, TrainConfig,
-                             sparsity_config)
+from dsl_dist.config import (ControlConfig, DropAndGrowConfig, JobConfig, ModelConfig,
+                             TrainConfig, sparsity_config)
 from dsl_dist.config.registry import SPARSITY_METHODS, load
 from dsl_dist.control import connect_controller
 from dsl_dist.distributed import DistContext, init_distributed, shutdown_distributed
 from dsl_dist.memory import PeakTracker, high_water_marks, release_freed_memory, rss_mb
-from dsl_dist.model.sharding import embedding_tables, shard_model
-from dsl_dist.model.shards import init_normal_, local_table_shards
-from dsl_dist.sparsity.base import SparsityMethod, SparsitySetup
+from dsl_dist.sparsity.base import SparsityMethod, SparsitySetup, sharded_for_method
 from dsl_dist.sparsity.schedule import UpdateSchedule
 
 SEED = 0
@@ -81,14 +79,10 @@ def build(method: str, ctx: DistContext, rows: int, dim: int, density: float,
     budgeted = issubclass(SPARSITY_METHODS[method].schema, DropAndGrowConfig)
     cfg = sparsity_config(method, **({"density": density, "delta_t": 1, **settings}
                                      if budgeted else {}))
-    module: nn.Module = Catalogue(rows, dim)
+    job = JobConfig(model=ModelConfig(embedding_dim=dim, init_std=INIT_STD), sparsity=cfg,
+                    train=TrainConfig(optimizer=OPTIMIZER[ctx.device.type], seed=SEED))
     sparse = load(SPARSITY_METHODS, method)
-    if hasattr(sparse, "transform_model"):
-        module = sparse.transform_model(cfg, module)
-    tables = embedding_tables(module)
-    train = TrainConfig(optimizer=OPTIMIZER[ctx.device.type])
-    model = shard_model(module, ModelConfig(embedding_dim=dim), train, ctx)
-    init_normal_(local_table_shards(model), INIT_STD, SEED)
+    _, model, tables = sharded_for_method(sparse, job, Catalogue(rows, dim), ctx)
     return model, sparse.build(SparsitySetup(
         cfg, SEED, INIT_STD, model, tables, ctx, 2, None,
         connect=lambda budgets, unit: connect_controller(

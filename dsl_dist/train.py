@@ -28,12 +28,12 @@ from dsl_dist.memory import (PeakTracker, high_water_marks, release_freed_memory
                              tensor_bytes)
 from dsl_dist.model.base import PAIRS
 from dsl_dist.model.registry import build_model, prepare_model_data
-from dsl_dist.model.sharding import dense_optimizer, embedding_tables, shard_model
-from dsl_dist.model.shards import init_normal_, local_table_shards
+from dsl_dist.model.sharding import dense_optimizer, embedding_tables
+from dsl_dist.model.shards import local_table_shards
 from dsl_dist.pipeline import PipelinedSteps, TrainedStream, chosen_pipeline, host_batches
 from dsl_dist.progress import ProgressBar
 from dsl_dist.run_log import RunDirError, RunLog, run_dir_of
-from dsl_dist.sparsity.base import SparsitySetup
+from dsl_dist.sparsity.base import SparsitySetup, sharded_for_method
 from dsl_dist.sparsity.schedule import UpdateSchedule
 from dsl_dist.tensorboard_log import TensorBoardSink
 
@@ -84,14 +84,9 @@ class Trainer:
         module = build_model(cfg, self.manifest, self.dataset_dir)
         self.weights = sum(t.num_embeddings * t.embedding_dim for t in embedding_tables(module))
         """The model's table weights, as declared (a sparsity method may store fewer)."""
-        if hasattr(method, "transform_model"):
-            module = method.transform_model(cfg.sparsity, module)
+        module, self.model, tables = sharded_for_method(method, cfg, module, ctx)
         self.stream = self._stream(module.batches)
         self.host_batch = module.host_batch
-        tables = embedding_tables(module)
-        torch.manual_seed(cfg.train.seed)  # dense layers (DDP then copies rank 0's everywhere)
-        self.model = shard_model(module, cfg.model, cfg.train, ctx)
-        init_normal_(local_table_shards(self.model), cfg.model.init_std, cfg.train.seed)
         self.dense_optimizer = dense_optimizer(self.model, cfg.train)
         self.progress = TrainingProgress(ctx)
         epoch_steps = cfg.train.epochs * self.stream.steps_per_epoch

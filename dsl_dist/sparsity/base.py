@@ -14,14 +14,18 @@ through its `DistContext`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
+import torch
 from torch import nn
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.optim.keyed import KeyedOptimizer
 
-from dsl_dist.config import SparsityConfig
+from dsl_dist.config import JobConfig, SparsityConfig
 from dsl_dist.distributed import DistContext
+from dsl_dist.model.sharding import embedding_tables, shard_model
+from dsl_dist.model.shards import init_normal_, local_table_shards
 from dsl_dist.sparsity.record import UpdateRecord
 from dsl_dist.sparsity.schedule import UpdateSchedule
 
@@ -89,3 +93,17 @@ class SparsityMethod:
 
     def register_state(self, store: CheckpointStore) -> None:
         """Registers with `store` what checkpoints must keep of this method (nothing here)."""
+
+
+def sharded_for_method(method: ModuleType, cfg: JobConfig, module: nn.Module, ctx: DistContext
+                       ) -> tuple[nn.Module, nn.Module, list[BaseEmbeddingConfig]]:
+    """The plain model (on the meta device) as sparsity method `method` stores it (its module's
+    optional `transform_model`), sharded and initialised as every run is: (that module, the
+    sharded model, its table configs as declared before sharding)."""
+    if hasattr(method, "transform_model"):
+        module = method.transform_model(cfg.sparsity, module)
+    tables = embedding_tables(module)
+    torch.manual_seed(cfg.train.seed)  # dense layers (DDP then copies rank 0's everywhere)
+    model = shard_model(module, cfg.model, cfg.train, ctx)
+    init_normal_(local_table_shards(model), cfg.model.init_std, cfg.train.seed)
+    return module, model, tables
