@@ -1,7 +1,8 @@
 """A training step that never waits on the host: in steady-state steps (between updates) of
-dense, dsl and block_dsl, MF and LightGCN on lastfm, one rank on the forced device path (the
-branches a GPU takes), our code makes no op that would sync a CUDA host, and each sparsity
-method dispatches at most 1.2x the ops of dense's step (dsl_dist/host_syncs.py counts).
+dense, dsl, block_dsl (both also capturing growth statistics every step) and set, MF and
+LightGCN on lastfm, one rank on the forced device path (the branches a GPU takes), our code
+makes no op that would sync a CUDA host, and each sparsity method dispatches at most 1.2x the
+ops of dense's step, 2x in a step that captures growth (dsl_dist/host_syncs.py counts).
 
 The counter's own check: a loss read added to the steps is caught, once a step, where it is."""
 
@@ -18,11 +19,20 @@ from test_config import load
 MODELS = {"mf": ["model=mf"], "lightgcn": ["model=lightgcn"]}
 DELTA_T, WINDOW = 6, 4
 """An update at step DELTA_T, then WINDOW counted steps before the next one."""
+SPARSE = ["sparsity.density=0.2", f"sparsity.delta_t={DELTA_T}"]
+ACCUMULATED = ["sparsity.growth=accumulated", "sparsity.growth_every=1"]
+"""Growth statistics captured in every step, not only before an update."""
 METHODS = {"dense": ["sparsity=dense"],
-           "dsl": ["sparsity=dsl", "sparsity.density=0.2", f"sparsity.delta_t={DELTA_T}"],
-           "block_dsl": ["sparsity=block_dsl", "sparsity.density=0.2",
-                         f"sparsity.delta_t={DELTA_T}"]}
+           "dsl": ["sparsity=dsl", *SPARSE],
+           "dsl-accumulated": ["sparsity=dsl", *SPARSE, *ACCUMULATED],
+           "block_dsl": ["sparsity=block_dsl", *SPARSE],
+           "block_dsl-accumulated": ["sparsity=block_dsl", *SPARSE, *ACCUMULATED],
+           "set": ["sparsity=set", *SPARSE]}
 OPS_RATIO = 1.2
+CAPTURE_OPS_RATIO = 2.0
+"""A step that also captures growth statistics gathers, groups and adds the lookups' gradients
+(MF 1.65-1.74x dense's ops, LightGCN 1.57-1.88x): the bound guards that cost, which a run
+pays on 1 step in sparsity.growth_every (10 in every tuned config)."""
 FBGEMM = "fbgemm_gpu/split_table_batched_embeddings_ops_training.py"
 TORCHREC_SYNCS = {("_local_scalar_dense", f"{FBGEMM}:forward"), ("cpu", f"{FBGEMM}:forward"),
                   ("cpu", f"{FBGEMM}:_generate_vbe_metadata")}
@@ -83,7 +93,8 @@ def test_steady_steps_never_wait_on_the_host(model: str, tmp_path: Path) -> None
         ours, others = syncs_of_ours_and_others(figures)
         assert figures["ours"] == 0 and not ours, f"{model} {method}: our syncs {ours}"
         assert others <= TORCHREC_SYNCS, f"{model} {method}: {others - TORCHREC_SYNCS}"
-        assert figures["ops"] <= OPS_RATIO * counts["dense"]["ops"], (
+        ratio = CAPTURE_OPS_RATIO if method.endswith("-accumulated") else OPS_RATIO
+        assert figures["ops"] <= ratio * counts["dense"]["ops"], (
             f"{model} {method}: {figures['ops']} ops a step, dense {counts['dense']['ops']}")
 
 

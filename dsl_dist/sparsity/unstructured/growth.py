@@ -25,6 +25,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from dsl_dist.model.torchrec_internals import kernel_tables
+from dsl_dist.sparsity.row_sums import sum_by_row
 from dsl_dist.sparsity.selection.fastops import concat
 from dsl_dist.sparsity.unstructured.masks import MaskedShard
 
@@ -103,9 +104,7 @@ class GrowthRecorder:
             ids = concat([p[0] for p in pieces])
             grads = concat([_sample_gradients(grad, bags, columns, w)
                           for _, bags, columns, w in pieces])
-            rows, inverse = torch.unique(ids, return_inverse=True)
-            row_grad = torch.zeros(len(rows), grads.shape[1], dtype=torch.float32,
-                                   device=grads.device).index_add_(0, inverse, grads.float())
+            rows, row_grad = sum_by_row(ids, grads)
             growth = targets[key].growth
             growth.index_add_(0, rows, row_grad.abs_().to(growth.dtype))
         if not masked:
