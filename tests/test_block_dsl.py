@@ -92,6 +92,44 @@ def test_block_dsl_learns_within_a_pool_of_its_budget(sharding_type: str, cluste
     assert results[0]["metrics"]["recall@20"] > 0.6, results[0]["metrics"]
 
 
+def statistics_after_steps(overrides: list[str]) -> dict:
+    """The growth statistics' nonzero rows after 3 training steps that capture, then after an
+    evaluation (which must add nothing)."""
+    from dsl_dist.distributed import shutdown_distributed
+    from dsl_dist.train import build_trainer
+
+    trainer = build_trainer(load(*overrides))
+    batches = trainer.batches()
+    for _ in range(3):
+        trainer.train_step(next(batches))
+
+    def statistics() -> list[torch.Tensor]:
+        return [t.clone() for s in trainer.sparsity.shards for t in (s.grow_next, s.grow_last)]
+
+    trained = statistics()
+    trainer.sparsity.before_step(trainer.step + 1)  # capturing, as before the next step
+    trainer.evaluate(epoch=0)
+    result = {"nonzero": [int(t.ne(0).sum()) for t in trained],
+              "evaluation_added": any(not torch.equal(a, b)
+                                      for a, b in zip(trained, statistics()))}
+    shutdown_distributed()
+    return result
+
+
+@pytest.mark.multiprocess
+def test_training_steps_record_growth_and_evaluation_does_not(clustered_source: Path,
+                                                              tmp_path: Path) -> None:
+    """Growth statistics come from the steps' gradients (the lookups' hooks capture them in
+    training, never in an evaluation's lookups)."""
+    result = run_ranks(statistics_after_steps, 1, tmp_path / "out",
+                       [*common(clustered_source, tmp_path), *BLOCK, "sparsity.growth_every=1",
+                        # 1.6 blocks a row: a row's next block is active in some items (MF's
+                        # gradient of a block is zero where every item lacks it)
+                        "sparsity.density=0.4", f"run_dir={tmp_path / 'run'}"])[0]
+    assert all(n > 0 for n in result["nonzero"]), result
+    assert not result["evaluation_added"]
+
+
 def update_with_fixed_statistics(overrides: list[str]) -> dict:
     """The initial layout and one update from world-independent weights and statistics."""
     from dsl_dist.distributed import shutdown_distributed

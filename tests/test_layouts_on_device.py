@@ -12,7 +12,7 @@ import pytest
 
 from dsl_dist.config import ConfigError
 from dsl_dist.model.shards import DenseBlock
-from dsl_dist.sparsity.block.hooks import _Run, translate_run
+from dsl_dist.sparsity.block.hooks import _record, _Run, translate_run
 from dsl_dist.sparsity.block.pool import PoolGeometry
 from dsl_dist.sparsity.block.shard import PoolShard
 from dsl_dist.sparsity.selection.fastops import pack_bits
@@ -108,12 +108,22 @@ def test_block_lookups_pool_the_active_blocks_and_capture_growth(device: torch.d
             rows = bags[(feature // 4) * 3 + sample]
             expected = sum((table[r, feature % 4] for r in rows), torch.zeros(2))
             assert torch.equal(pooled[feature * stride + sample].cpu(), expected)
-    wanted = {(int(r), int(c[0]) // 2, bool(n)) for r, c, n in
-              zip(captured.rows.cpu(), captured.columns.cpu(), captured.next_block.cpu())}
-    assert wanted == {(r, 4 * (f // 4) + b, b == widths[r])
-                      for f in range(8) for s in range(stride)
-                      for r in bags[(f // 4) * 3 + s]
-                      for b in [f % 4] if b in (widths[r], widths[r] - 1)}
+    # growth: per row, the step's gradient of its next block (and of its last active one),
+    # summed over its lookups, absolute, summed over the block's columns
+    grad = torch.randn(stride, 8 * 2, generator=torch.Generator().manual_seed(0))
+    _record(grad.to(device), [captured])
+    expected = {"next": torch.zeros(8, 2), "last": torch.zeros(8, 2)}
+    for feature in range(8):
+        for sample in range(stride):
+            for r in bags[(feature // 4) * 3 + sample]:
+                for kind, block in (("next", widths[r]), ("last", widths[r] - 1)):
+                    if feature % 4 == block:
+                        expected[kind][r] += grad[sample, 2 * feature:2 * feature + 2]
+    for kind, statistic in (("next", shard.grow_next), ("last", shard.grow_last)):
+        assert statistic.dtype == torch.bfloat16
+        assert torch.allclose(statistic.float().cpu(), expected[kind].abs().sum(1), rtol=1e-2,
+                              atol=1e-6), kind
+    assert bool(shard.grow_next.any()) and bool(shard.grow_last.any())
 
 
 def test_growth_adds_the_gradient_of_every_looked_up_row(device: torch.device) -> None:

@@ -6,8 +6,8 @@ pre-hook hands the kernel the same bags with every id replaced by its block's sl
 shard's zero slot where the block is inactive (it pools to zeros; whatever the optimizer then
 writes there is zeroed before the next lookup): the bags keep their sizes, so a step neither
 reads the device back nor makes shapes that depend on the data. While `capturing`, it also
-notes the ids of each row's last active block and of the block it would grow next; a hook on the kernel's output gradient then adds |gradient| summed
-over those blocks (per row: sum over the step's bags, absolute value, sum over the block's
+marks the ids of each row's last active block and of the block it would grow next; a hook on
+the kernel's output gradient then adds |gradient| summed over those blocks (per row: sum over the step's bags, absolute value, sum over the block's
 columns, as weight-level DSL scores each weight) into the shards' growth statistics.
 
 A kernel's features come table by table, so each pool shard's features are one contiguous run
@@ -24,6 +24,7 @@ from torchrec import KeyedJaggedTensor
 
 from dsl_dist.model.torchrec_internals import Kernel, kernel_tables
 from dsl_dist.sparsity.block.shard import PoolShard
+from dsl_dist.sparsity.row_sums import sum_by_row
 
 
 _CACHED = 8
@@ -44,14 +45,18 @@ class _Run:
     _per_id: dict = field(default_factory=dict)
 
     def per_bag(self, kind: str, stride: int, device: torch.device) -> torch.Tensor:
-        """For each bag of the run's features (`stride` per feature), its `feature` (within
-        the run), its `block` position or its `bag` (sample) index; made once."""
+        """For each bag of the run's features (`stride` per feature), its `block` position,
+        its `bag` (sample) index or its block's output `columns`; made once."""
         key = (kind, stride, device)
         if key not in self._per_bag:
             feature = torch.arange(self.stop - self.first, device=device)
             blocks = self.shard.geometry.blocks_per_row
-            of_feature = {"feature": feature, "block": feature % blocks,
-                          "bag": torch.zeros_like(feature)}[kind]
+            if kind == "columns":  # the output columns of the bag's block, (bags, width)
+                first = self.first_column + feature * self.width
+                of_feature = (first[:, None] + torch.arange(self.width, device=device))
+                self._per_bag[key] = of_feature.repeat_interleave(stride, 0)
+                return self._per_bag[key]
+            of_feature = {"block": feature % blocks, "bag": torch.zeros_like(feature)}[kind]
             within = torch.arange(stride, device=device) if kind == "bag" else 0
             self._per_bag[key] = (of_feature[:, None] + within).expand(-1, stride).reshape(-1)
         return self._per_bag[key]
@@ -68,7 +73,7 @@ class _Run:
 
 @dataclass
 class _Captured:
-    """The ids of one step whose gradient the growth statistics want."""
+    """A step's ids of one pool shard, for the growth statistics."""
 
     shard: PoolShard
     rows: torch.Tensor
@@ -77,8 +82,9 @@ class _Captured:
     """(ids, block) output columns of each id's block."""
     weights: Optional[torch.Tensor]
     """The ids' per-sample weights (unweighted pools: None)."""
-    next_block: torch.Tensor
-    """True: the row's next block (grow_next); False: its last active block (grow_last)."""
+    roles: torch.Tensor
+    """(ids, 2) float: 1.0 where the id's block is its row's next one (grow_next wants it),
+    then where it is the row's last active one (grow_last); 0.0 elsewhere."""
 
 
 class PoolKernelHooks:
@@ -102,10 +108,13 @@ class PoolKernelHooks:
                 self._handles += [kernel.register_forward_pre_hook(self._translate),
                                   kernel.register_forward_hook(self._on_output)]
 
-    @torch.no_grad()
     def _translate(self, kernel: Kernel, args: tuple) -> tuple:
+        capture = self.capturing and torch.is_grad_enabled()  # no capture in evaluation
+        with torch.no_grad():
+            return self._translated(kernel, args, capture)
+
+    def _translated(self, kernel: Kernel, args: tuple, capture: bool) -> tuple:
         features: KeyedJaggedTensor = args[0]
-        capture = self.capturing and torch.is_grad_enabled()
         stride, offsets = features.stride(), features.offset_per_key()
         lengths, values, weights = features.lengths(), features.values(), features.weights_or_none()
         pieces, captured = [], []
@@ -146,23 +155,22 @@ def translate_run(run: _Run, ids: torch.Tensor, weights: torch.Tensor | None,
     `lengths`: the kernel's bag lengths."""
     shard = run.shard
     bag_lengths = lengths[run.first * stride:run.stop * stride]
-    block = run.per_id((tuple(counts), ids.device), lambda: torch.repeat_interleave(
-        run.per_bag("block", stride, ids.device), bag_lengths, output_size=len(ids)))
+
+    def of_each_id(kind: str) -> torch.Tensor:
+        return run.per_id((kind, tuple(counts), ids.device), lambda: torch.repeat_interleave(
+            run.per_bag(kind, stride, ids.device), bag_lengths, dim=0, output_size=len(ids)))
+
+    block = of_each_id("block")
     rows = shard.local_rows(ids)
     widths = shard.widths[rows]
     slots = (shard.rowptr[rows] + block).masked_fill_(block >= widths, shard.zero_slot)
     if not capture:
         return slots, None
-    # the row's next block and its last active one (a sync, at capture steps only)
-    wanted = torch.nonzero((block == widths) | (block + 1 == widths)).flatten()
-    feature, bag = (torch.repeat_interleave(run.per_bag(kind, stride, ids.device),
-                                            bag_lengths, output_size=len(ids))[wanted]
-                    for kind in ("feature", "bag"))
-    columns = run.first_column + feature[:, None] * run.width + torch.arange(
-        run.width, device=ids.device)[None, :]
-    return slots, _Captured(shard, rows[wanted], bag, columns,
-                            None if weights is None else weights[wanted],
-                            widths[wanted] == block[wanted])
+    # every id, its block weighted 1 where it is the row's next block (or its last active
+    # one) and 0 elsewhere: no subset whose size is data
+    roles = torch.stack([block == widths, block + 1 == widths], 1).float()
+    return slots, _Captured(shard, rows, of_each_id("bag"), of_each_id("columns"), weights,
+                            roles)
 
 
 @torch.no_grad()
@@ -172,12 +180,9 @@ def _record(grad: torch.Tensor, captured: list[_Captured]) -> None:
         sampled = grad[part.samples[:, None], part.columns].float()
         if part.weights is not None:
             sampled = sampled * part.weights[:, None]
-        for next_block, statistic in ((True, part.shard.grow_next),
-                                      (False, part.shard.grow_last)):
-            chosen = part.next_block == next_block
-            if not bool(chosen.any()):
-                continue
-            rows, inverse = torch.unique(part.rows[chosen], return_inverse=True)
-            summed = torch.zeros(len(rows), sampled.shape[1], device=sampled.device).index_add_(
-                0, inverse, sampled[chosen])
-            statistic[rows] = (statistic[rows].float() + summed.abs_().sum(1)).to(statistic.dtype)
+        # both statistics' gradients side by side: one grouping by row for the two
+        by_role = (part.roles[:, :, None] * sampled[:, None, :]).flatten(1)
+        rows, summed = sum_by_row(part.rows, by_role)
+        scores = summed.abs_().view(len(rows), 2, -1).sum(2)
+        for role, statistic in enumerate((part.shard.grow_next, part.shard.grow_last)):
+            statistic.index_add_(0, rows, scores[:, role].to(statistic.dtype))
