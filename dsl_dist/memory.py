@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 import resource
 from pathlib import Path
 from contextlib import contextmanager
@@ -145,8 +146,17 @@ def tensor_peak() -> Iterator[TensorPeak]:
     found = TensorPeak()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
                                            if torch.cuda.is_available() else [])
-    with profile(activities=activities, profile_memory=True) as profiler:
-        yield found
+    # no garbage collection within the block: it could free tensors an earlier profile saw
+    # allocated, whose frees the profiler then reports, understating what the block holds
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        with profile(activities=activities, profile_memory=True) as profiler:
+            yield found
+    finally:
+        if collecting:
+            gc.enable()
     # only memory events have a size (some others' names do not even decode)
     events = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
                     if e.nbytes())
