@@ -7,8 +7,9 @@ shard's zero slot where the block is inactive (it pools to zeros; whatever the o
 writes there is zeroed before the next lookup): the bags keep their sizes, so a step neither
 reads the device back nor makes shapes that depend on the data. While `capturing`, it also
 marks the ids of each row's last active block and of the block it would grow next; a hook on
-the kernel's output gradient then adds |gradient| summed over those blocks (per row: sum over the step's bags, absolute value, sum over the block's
-columns, as weight-level DSL scores each weight) into the shards' growth statistics.
+the kernel's output gradient then adds |gradient| summed over those blocks (per row: sum over
+the step's bags, absolute value, sum over the block's columns, as weight-level DSL scores each
+weight) into the shards' growth statistics.
 
 A kernel's features come table by table, so each pool shard's features are one contiguous run
 of bags and ids: the hooks work on each run at once.
@@ -50,15 +51,13 @@ class _Run:
         key = (kind, stride, device)
         if key not in self._per_bag:
             feature = torch.arange(self.stop - self.first, device=device)
-            blocks = self.shard.geometry.blocks_per_row
-            if kind == "columns":  # the output columns of the bag's block, (bags, width)
-                first = self.first_column + feature * self.width
-                of_feature = (first[:, None] + torch.arange(self.width, device=device))
+            if kind == "bag":
+                self._per_bag[key] = torch.arange(stride, device=device).repeat(len(feature))
+            else:  # a value per feature (columns: (bags, width)), the same for its bags
+                of_feature = (feature % self.shard.geometry.blocks_per_row if kind == "block"
+                              else (self.first_column + feature * self.width)[:, None]
+                              + torch.arange(self.width, device=device))
                 self._per_bag[key] = of_feature.repeat_interleave(stride, 0)
-                return self._per_bag[key]
-            of_feature = {"block": feature % blocks, "bag": torch.zeros_like(feature)}[kind]
-            within = torch.arange(stride, device=device) if kind == "bag" else 0
-            self._per_bag[key] = (of_feature[:, None] + within).expand(-1, stride).reshape(-1)
         return self._per_bag[key]
 
     def per_id(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
