@@ -4,6 +4,7 @@ heap memory handed back to the OS."""
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 
@@ -77,6 +78,20 @@ def test_freed_heap_pinned_by_live_blocks_leaves_the_rss() -> None:
                             text=True, timeout=120, check=True)
     before, after = map(float, result.stdout.split())
     assert before - after > 300, (before, after)
+
+
+def test_tensor_peak_does_not_count_frees_of_an_earlier_profiles_garbage() -> None:
+    """A collection inside the block would free garbage whose size an earlier profile saw,
+    and the profiler would report that free: the block's live bytes would read 0 here."""
+    with tensor_peak():
+        cycle = [torch.ones(1 << 18)]  # 1 MiB whose size this profile sees
+        cycle.append(cycle)
+    del cycle  # garbage, freed whenever the collector runs
+    with tensor_peak() as found:
+        kept = torch.ones(1 << 18)
+        gc.collect()
+    assert (1 << 20) <= found.left < (1 << 20) + 4096, found.left
+    del kept
 
 
 def test_tensor_peak_counts_the_most_bytes_alive_at_once_within_the_block() -> None:
